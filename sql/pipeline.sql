@@ -1,0 +1,141 @@
+-- Per-pipeline SQL. Placeholders in braces are filled by syncer/schema.py with quoted
+-- identifiers and literals (psycopg.sql), never with raw strings from the config.
+-- The text of a row is composed and hashed here, in one place: the capture triggers,
+-- the worker's reads, the hash guard on writes and the backfill all call these functions.
+
+-- text_function --
+CREATE OR REPLACE FUNCTION {text_fn}(s {src}) RETURNS text
+LANGUAGE sql STABLE PARALLEL SAFE
+RETURN NULLIF(pg_catalog.concat_ws(E'\n\n', {text_parts}), '');
+
+-- hash_function --
+-- The fingerprint (model, dimensions, vector type, text columns) is part of the hash,
+-- so a change of model makes every stored vector stale.
+CREATE OR REPLACE FUNCTION {hash_fn}(s {src}) RETURNS bytea
+LANGUAGE sql STABLE PARALLEL SAFE
+RETURN pg_catalog.sha256(pg_catalog.convert_to({fingerprint} || {text_fn}(s), 'UTF8'));
+
+-- capture_insert_function --
+CREATE OR REPLACE FUNCTION {capture_insert_fn}() RETURNS trigger
+LANGUAGE plpgsql SECURITY DEFINER SET search_path = pg_catalog, pg_temp AS $syncer$
+BEGIN
+    INSERT INTO syncer.queue (pipeline, key)
+    SELECT {pipeline}, {key_json_n} FROM syncer_new n WHERE {text_fn}(n) IS NOT NULL;
+    IF FOUND THEN
+        PERFORM pg_notify('syncer', {pipeline});
+    END IF;
+    RETURN NULL;
+END
+$syncer$;
+
+-- capture_update_function --
+-- Only a change of the composed text (or of the key) is work; syncer's own vector
+-- writes set syncer.writing and are skipped before the transition tables are joined.
+CREATE OR REPLACE FUNCTION {capture_update_fn}() RETURNS trigger
+LANGUAGE plpgsql SECURITY DEFINER SET search_path = pg_catalog, pg_temp AS $syncer$
+BEGIN
+    IF current_setting('syncer.writing', true) = 'on' THEN
+        RETURN NULL;
+    END IF;
+    INSERT INTO syncer.queue (pipeline, key)
+    SELECT {pipeline}, {key_json_n}
+    FROM syncer_new n LEFT JOIN syncer_old o ON {key_eq_n_o}
+    WHERE {key_first_o} IS NULL OR {text_fn}(n) IS DISTINCT FROM {text_fn}(o)
+    UNION ALL
+    SELECT {pipeline}, {key_json_o}
+    FROM syncer_old o
+    WHERE NOT EXISTS (SELECT FROM syncer_new n WHERE {key_eq_n_o});
+    IF FOUND THEN
+        PERFORM pg_notify('syncer', {pipeline});
+    END IF;
+    RETURN NULL;
+END
+$syncer$;
+
+-- capture_delete_function --
+CREATE OR REPLACE FUNCTION {capture_delete_fn}() RETURNS trigger
+LANGUAGE plpgsql SECURITY DEFINER SET search_path = pg_catalog, pg_temp AS $syncer$
+BEGIN
+    INSERT INTO syncer.queue (pipeline, key) SELECT {pipeline}, {key_json_o} FROM syncer_old o;
+    IF FOUND THEN
+        PERFORM pg_notify('syncer', {pipeline});
+    END IF;
+    RETURN NULL;
+END
+$syncer$;
+
+-- capture_insert_trigger --
+CREATE OR REPLACE TRIGGER {insert_trigger} AFTER INSERT ON {src}
+REFERENCING NEW TABLE AS syncer_new
+FOR EACH STATEMENT EXECUTE FUNCTION {capture_insert_fn}();
+
+-- capture_update_trigger --
+CREATE OR REPLACE TRIGGER {update_trigger} AFTER UPDATE ON {src}
+REFERENCING OLD TABLE AS syncer_old NEW TABLE AS syncer_new
+FOR EACH STATEMENT EXECUTE FUNCTION {capture_update_fn}();
+
+-- capture_delete_trigger --
+CREATE OR REPLACE TRIGGER {delete_trigger} AFTER DELETE ON {src}
+REFERENCING OLD TABLE AS syncer_old
+FOR EACH STATEMENT EXECUTE FUNCTION {capture_delete_fn}();
+
+-- rows_fetch --
+-- For each key: does the row exist, its current text and hash, and the stored hash.
+SELECT k.key::text, {key_first_s} IS NOT NULL, {text_fn}(s), {hash_fn}(s), {stored_hash}
+FROM unnest($1::jsonb[]) AS k(key)
+CROSS JOIN LATERAL jsonb_to_record(k.key) AS r({key_defs})
+LEFT JOIN {src} s ON {key_eq_s_r}
+{target_join};
+
+-- vectors_write_column --
+-- The hash guard: write only where the row's text still has the hash it was embedded
+-- from, checked in this statement (the row lock re-checks it against a concurrent update).
+UPDATE {src} s SET {column} = d.v, {hash_column} = d.h
+FROM unnest($1::jsonb[], $2::{vector_type}[], $3::bytea[]) AS d(key, v, h)
+CROSS JOIN LATERAL jsonb_to_record(d.key) AS r({key_defs})
+WHERE {key_eq_s_r}
+  AND {hash_fn}(s) IS NOT DISTINCT FROM d.h
+  AND s.{hash_column} IS DISTINCT FROM d.h;
+
+-- vectors_write_table --
+-- FOR SHARE makes a concurrent text update wait for this write (or this write see the
+-- update and skip), so an older vector can never land after a newer one.
+WITH incoming AS (
+    SELECT r.*, d.v, d.h
+    FROM unnest($1::jsonb[], $2::{vector_type}[], $3::bytea[]) AS d(key, v, h)
+    CROSS JOIN LATERAL jsonb_to_record(d.key) AS r({key_defs})
+), current_rows AS (
+    SELECT {key_cols_i}, i.v, i.h
+    FROM incoming i JOIN {src} s ON {key_eq_s_i}
+    WHERE {hash_fn}(s) = i.h
+    FOR SHARE OF s
+)
+INSERT INTO {target_table} AS t ({key_cols}, {column}, content_hash)
+SELECT {key_cols}, v, h FROM current_rows
+ON CONFLICT ({key_cols}) DO UPDATE
+SET {column} = EXCLUDED.{column}, content_hash = EXCLUDED.content_hash, embedded_at = now()
+WHERE t.content_hash IS DISTINCT FROM EXCLUDED.content_hash;
+
+-- vectors_delete_table --
+-- Side-table rows whose source row is gone or has no text any more.
+DELETE FROM {target_table} t
+USING unnest($1::jsonb[]) AS k(key) CROSS JOIN LATERAL jsonb_to_record(k.key) AS r({key_defs})
+WHERE {key_eq_t_r}
+  AND NOT EXISTS (SELECT FROM {src} s WHERE {key_eq_s_t} AND {text_fn}(s) IS NOT NULL);
+
+-- backfill_page --
+-- One keyset page: enqueue the rows whose vector is missing or stale (all with $3).
+WITH page AS (
+    SELECT {key_cols_s}, {stored_hash} IS DISTINCT FROM {hash_fn}(s) AS stale
+    FROM {src} s {target_join}
+    WHERE {after}
+    ORDER BY {key_cols_s}
+    LIMIT $2
+), enqueued AS (
+    INSERT INTO syncer.queue (pipeline, key)
+    SELECT {pipeline}, {key_json_p} FROM page p WHERE $3 OR p.stale
+    RETURNING 1
+)
+SELECT (SELECT count(*) FROM enqueued),
+       (SELECT count(*) FROM page),
+       (SELECT {key_json_p} FROM page p ORDER BY {key_cols_p} DESC LIMIT 1)::text;

@@ -1,0 +1,90 @@
+-- Named queries on syncer's own tables. Blocks start with "-- name --".
+
+-- queue_claim --
+-- Claim up to $2 ready items of pipeline $1 for worker $4, leased for $3 seconds.
+-- The MATERIALIZED fence keeps the planner from locking more rows than the LIMIT.
+WITH claimable AS MATERIALIZED (
+    SELECT id FROM syncer.queue
+    WHERE pipeline = $1
+      AND not_before <= now()
+      AND (leased_until IS NULL OR leased_until < now())
+    ORDER BY id
+    LIMIT $2
+    FOR UPDATE SKIP LOCKED
+)
+UPDATE syncer.queue q
+SET leased_until = now() + make_interval(secs => $3),
+    leased_by = $4,
+    attempts = q.attempts + 1
+FROM claimable c
+WHERE q.id = c.id
+RETURNING q.id, q.key::text, q.attempts;
+
+-- queue_complete --
+DELETE FROM syncer.queue WHERE id = ANY($1::bigint[]);
+
+-- queue_release --
+-- Soft stop: give unfinished items back at once, without counting the attempt.
+UPDATE syncer.queue
+SET leased_until = NULL, leased_by = NULL, attempts = greatest(attempts - 1, 0)
+WHERE id = ANY($1::bigint[]) AND leased_by = $2;
+
+-- queue_extend --
+UPDATE syncer.queue
+SET leased_until = now() + make_interval(secs => $3)
+WHERE id = ANY($1::bigint[]) AND leased_by = $2;
+
+-- queue_retry --
+-- Back to the queue after a failure, each item with its delay. An item that failed
+-- through no fault of its own (a paused provider) does not spend an attempt.
+UPDATE syncer.queue q
+SET leased_until = NULL, leased_by = NULL,
+    not_before = now() + make_interval(secs => r.delay_s),
+    attempts = q.attempts - CASE WHEN r.counts THEN 0 ELSE 1 END,
+    first_failed_at = coalesce(q.first_failed_at, now()),
+    last_error = r.error
+FROM unnest($1::bigint[], $2::float8[], $3::text[], $4::boolean[]) AS r(id, delay_s, error, counts)
+WHERE q.id = r.id;
+
+-- dead_letter_insert --
+-- Move items to the dead-letter table in the statement that removes them from the queue.
+WITH failed AS (
+    SELECT * FROM unnest($1::bigint[], $2::text[], $3::text[]) AS f(id, error_class, error)
+), moved AS (
+    DELETE FROM syncer.queue q USING failed f WHERE q.id = f.id
+    RETURNING q.pipeline, q.key, q.attempts, q.first_failed_at, f.error_class, f.error
+)
+INSERT INTO syncer.dead_letters
+    (pipeline, key, error_class, error, attempts, first_failed_at, last_failed_at)
+SELECT pipeline, key, error_class, error, attempts, coalesce(first_failed_at, now()), now()
+FROM moved;
+
+-- queue_pending --
+-- How many items of these pipelines are still queued, leased or waiting for a retry.
+SELECT count(*) FROM syncer.queue WHERE pipeline = ANY($1::text[]);
+
+-- queue_next_ready --
+-- Seconds until the next item of these pipelines can be claimed (NULL: none queued).
+SELECT extract(epoch FROM min(greatest(not_before, coalesce(leased_until, not_before))) - now())
+FROM syncer.queue WHERE pipeline = ANY($1::text[]);
+
+-- pipeline_register --
+INSERT INTO syncer.pipelines
+    (name, source_table, target, config_hash, fingerprint, created_column, created_table)
+VALUES ($1, $2, $3, $4, $5, $6, $7)
+ON CONFLICT (name) DO UPDATE SET
+    source_table = EXCLUDED.source_table,
+    target = EXCLUDED.target,
+    config_hash = EXCLUDED.config_hash,
+    fingerprint = EXCLUDED.fingerprint,
+    created_column = syncer.pipelines.created_column OR EXCLUDED.created_column,
+    created_table = syncer.pipelines.created_table OR EXCLUDED.created_table,
+    updated_at = CASE WHEN syncer.pipelines.config_hash = EXCLUDED.config_hash
+                      THEN syncer.pipelines.updated_at ELSE now() END;
+
+-- pipeline_get --
+SELECT name, source_table, target, config_hash, fingerprint, created_column, created_table
+FROM syncer.pipelines WHERE name = $1;
+
+-- pipeline_delete --
+DELETE FROM syncer.pipelines WHERE name = $1;

@@ -1,0 +1,175 @@
+"""The commands' work, one async function each; cli.py only parses and prints."""
+
+from __future__ import annotations
+
+import asyncio
+import signal
+from collections.abc import Callable
+from dataclasses import dataclass
+from pathlib import Path
+
+import asyncpg
+
+from syncer import config as config_mod
+from syncer import schema
+from syncer.config import Config, PipelineConfig
+from syncer.db import connect, create_pool, ensure_vector_extension
+from syncer.embed import Embedder, OpenAIEmbedder
+from syncer.observe import Events
+from syncer.schema import PipelineSQL, SchemaError
+from syncer.sqlfiles import query
+from syncer.worker import Worker
+
+EXIT_PROVIDER_PAUSED = 3
+
+
+def select(cfg: Config, pipeline: str | None) -> tuple[PipelineConfig, ...]:
+    return (cfg.pipeline(pipeline),) if pipeline else cfg.pipelines
+
+
+async def install(
+    cfg: Config, backfill: bool, echo: Callable[[str], None] = print
+) -> dict[str, int]:
+    """Create or update everything; returns rows enqueued per pipeline by the backfill."""
+    conn = await connect(cfg.database.url)
+    try:
+        await ensure_vector_extension(conn)
+        # Check every pipeline before creating anything, so a typo changes nothing.
+        for p in cfg.pipelines:
+            await schema.key_columns(conn, p)
+            await schema.check_target(conn, p)
+        await schema.install_schema(conn)
+        enqueued: dict[str, int] = {}
+        for p in cfg.pipelines:
+            rendered = await schema.install_pipeline(conn, p)
+            echo(f"pipeline {p.name}: installed on {p.table} ({p.target} target)")
+            if backfill:
+                enqueued[p.name] = await schema.backfill(conn, rendered, everything=False)
+                echo(f"pipeline {p.name}: {enqueued[p.name]} existing rows queued for embedding")
+        return enqueued
+    finally:
+        await conn.close()
+
+
+async def uninstall(cfg: Config, keep_vectors: bool, echo: Callable[[str], None] = print) -> None:
+    conn = await connect(cfg.database.url)
+    try:
+        if await schema.installed_version(conn) is None:
+            echo("syncer is not installed in this database; nothing to do")
+            return
+        for p in cfg.pipelines:
+            for line in await schema.uninstall_pipeline(conn, p, keep_vectors):
+                echo(line)
+        await schema.uninstall_schema(conn)
+        echo("dropped schema syncer (queue, dead letters, registry)")
+    finally:
+        await conn.close()
+
+
+async def targets_to_drop(cfg: Config) -> list[str]:
+    conn = await connect(cfg.database.url)
+    try:
+        return await schema.created_targets(conn)
+    finally:
+        await conn.close()
+
+
+async def backfill(
+    cfg: Config, pipeline: str | None, everything: bool, echo: Callable[[str], None] = print
+) -> dict[str, int]:
+    conn = await connect(cfg.database.url)
+    try:
+        out: dict[str, int] = {}
+        for p in select(cfg, pipeline):
+            rendered = await checked_pipeline(conn, p)
+            out[p.name] = await schema.backfill(conn, rendered, everything)
+            echo(f"pipeline {p.name}: {out[p.name]} rows queued")
+        return out
+    finally:
+        await conn.close()
+
+
+async def checked_pipeline(conn: asyncpg.Connection, p: PipelineConfig) -> PipelineSQL:
+    """The pipeline's SQL, after checking that install ran with this very configuration."""
+    if await schema.installed_version(conn) is None:
+        raise SchemaError("syncer is not installed in this database: run `syncer install` first")
+    row = await conn.fetchrow(query("pipeline_get"), p.name)
+    if row is None:
+        raise SchemaError(f"pipeline {p.name!r} is not installed: run `syncer install`")
+    if row["fingerprint"] != p.fingerprint() or row["source_table"] != p.table:
+        raise SchemaError(
+            f"pipeline {p.name!r}: the configuration changed since install "
+            "(table, text, model, dimensions or vector type): run `syncer install` again"
+        )
+    keys = await schema.key_columns(conn, p)
+    exists = await schema.check_target(conn, p)
+    if not any(exists):
+        raise SchemaError(f"pipeline {p.name!r}: its target is missing: run `syncer install`")
+    return schema.render(p, keys)
+
+
+def make_embedders(cfg: Config, path: Path | str) -> dict[str, Embedder]:
+    used = {p.provider for p in cfg.pipelines}
+    keys = {name: config_mod.api_key(cfg, name, path) for name in sorted(used)}
+    return {name: OpenAIEmbedder(name, cfg.providers[name], keys[name]) for name in keys}
+
+
+@dataclass
+class RunResult:
+    events: Events
+    exit_code: int = 0
+    message: str = ""
+
+
+async def run(
+    cfg: Config,
+    embedders: dict[str, Embedder],
+    exit_when_idle: bool,
+    stop: asyncio.Event | None = None,
+    events: Events | None = None,
+) -> RunResult:
+    from syncer.worker import ProviderPaused
+
+    stop = stop or asyncio.Event()
+    result = RunResult(events or Events())
+    pool = await create_pool(cfg.database)
+    loop = asyncio.get_running_loop()
+    for sig in (signal.SIGTERM, signal.SIGINT):
+        loop.add_signal_handler(sig, stop.set)
+    try:
+        async with pool.acquire() as conn:
+            rendered = {p.name: await checked_pipeline(conn, p) for p in cfg.pipelines}  # type: ignore[arg-type]
+        worker = Worker(cfg, pool, embedders, rendered, result.events)
+        await worker.run(stop, exit_when_idle)
+    except ProviderPaused as err:
+        result.exit_code = EXIT_PROVIDER_PAUSED
+        result.message = f"stopped: a provider refuses requests ({err}); the queue is intact"
+    finally:
+        for sig in (signal.SIGTERM, signal.SIGINT):
+            loop.remove_signal_handler(sig)
+        for e in embedders.values():
+            await e.close()
+        await pool.close()
+    return result
+
+
+async def status(cfg: Config) -> list[asyncpg.Record]:
+    conn = await connect(cfg.database.url)
+    try:
+        if await schema.installed_version(conn) is None:
+            raise SchemaError(
+                "syncer is not installed in this database: run `syncer install` first"
+            )
+        return await conn.fetch(
+            """SELECT p.name,
+                      count(q.id) AS queued,
+                      count(q.id) FILTER (WHERE q.leased_until > now()) AS in_progress,
+                      count(q.id) FILTER (WHERE q.not_before > now()) AS waiting_retry,
+                      extract(epoch FROM now() - min(q.enqueued_at)) AS oldest_s,
+                      (SELECT count(*) FROM syncer.dead_letters d WHERE d.pipeline = p.name)
+                          AS dead_letters
+               FROM syncer.pipelines p LEFT JOIN syncer.queue q ON q.pipeline = p.name
+               GROUP BY p.name ORDER BY p.name"""
+        )
+    finally:
+        await conn.close()

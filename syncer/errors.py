@@ -1,0 +1,39 @@
+"""Errors with a meaning, so the retry policy is decided in one place (the worker)."""
+
+from __future__ import annotations
+
+
+class SyncerError(Exception):
+    """Base class of syncer's own errors."""
+
+    error_class = "error"
+
+
+class RetryableError(SyncerError):
+    """The whole request may succeed later: 429, 5xx, timeouts, resets, malformed answers."""
+
+    error_class = "retryable"
+
+    def __init__(self, message: str, retry_after_s: float | None = None) -> None:
+        super().__init__(message)
+        self.retry_after_s = retry_after_s
+
+
+class RateLimitedError(RetryableError):
+    error_class = "rate_limited"
+
+
+class InputError(SyncerError):
+    """One input can never be embedded as it is (the provider rejected it)."""
+
+    error_class = "invalid_input"
+
+    def __init__(self, message: str, index: int | None = None) -> None:
+        super().__init__(message)
+        self.index = index
+
+
+class ProviderError(SyncerError):
+    """The provider refuses every request (bad key, unknown model, wrong dimensions)."""
+
+    error_class = "provider"

@@ -1,0 +1,425 @@
+"""Wires claim → fetch → embed → write with bounded queues; stops softly, then hard.
+
+Per pipeline: one claimer (claims only as many items as there are free slots), a pool
+of embedding tasks (the provider's semaphore bounds requests in flight), one writer
+(coalesces results into one transaction) and a heartbeat that extends leases.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import logging
+import os
+import random
+import socket
+import time
+import uuid
+from collections.abc import Sequence
+from dataclasses import dataclass
+
+import asyncpg
+
+from syncer.capture import Listener, _wait_any
+from syncer.config import Config, PipelineConfig, WorkerConfig
+from syncer.db import connect_kwargs
+from syncer.embed import Embedder, EmbedRequest, Vectors, backoff_s
+from syncer.errors import InputError, ProviderError, RetryableError
+from syncer.observe import Events
+from syncer.queue import Failure, Item, Queue
+from syncer.schema import PipelineSQL
+from syncer.write import VectorStore, WriteBatch
+
+log = logging.getLogger("syncer.worker")
+
+MAX_WRITE_ROWS = 1024
+PROVIDER_PAUSE_S = 30.0
+
+
+@dataclass(frozen=True)
+class EmbedJob:
+    keys: list[str]
+    texts: list[str]
+    hashes: list[bytes]
+    ids: list[list[int]]  # the queue items behind each key (a key may repeat in a claim)
+    attempts: int  # the most attempts among the items, counted at claim
+
+    def part(self, idx: Sequence[int]) -> EmbedJob:
+        pick = list(idx)
+        return EmbedJob(
+            [self.keys[i] for i in pick],
+            [self.texts[i] for i in pick],
+            [self.hashes[i] for i in pick],
+            [self.ids[i] for i in pick],
+            self.attempts,
+        )
+
+    def all_ids(self) -> list[int]:
+        return [i for ids in self.ids for i in ids]
+
+
+class ProviderPaused(Exception):
+    """Raised out of an --exit-when-idle run when a provider refuses every request."""
+
+
+class PipelineRunner:
+    def __init__(
+        self,
+        p: PipelineConfig,
+        wcfg: WorkerConfig,
+        queue: Queue,
+        store: VectorStore,
+        embedder: Embedder,
+        provider_name: str,
+        max_concurrency: int,
+        events: Events,
+        wakeup: asyncio.Event,
+    ) -> None:
+        self.p = p
+        self.wcfg = wcfg
+        self.queue = queue
+        self.store = store
+        self.embedder = embedder
+        self.provider = provider_name
+        self.events = events
+        self.wakeup = wakeup
+        self.n_embedders = max_concurrency
+        self.capacity = max_concurrency * p.batch_size * wcfg.in_flight_batches
+        self.in_flight: set[int] = set()
+        self.slot_freed = asyncio.Event()
+        self.embed_q: asyncio.Queue[EmbedJob] = asyncio.Queue(maxsize=max_concurrency * 2)
+        self.write_q: asyncio.Queue[WriteBatch] = asyncio.Queue(maxsize=max_concurrency * 4)
+        self.paused_until = 0.0
+        self.paused_error: str | None = None
+
+    # --- bookkeeping --------------------------------------------------------------------
+
+    def _finish(self, ids: Sequence[int]) -> None:
+        self.in_flight.difference_update(ids)
+        self.events.in_flight(self.p.name, len(self.in_flight))
+        self.slot_freed.set()
+
+    async def _wait_drained(self) -> None:
+        while self.in_flight:
+            self.slot_freed.clear()
+            await self.slot_freed.wait()
+
+    # --- the stages -------------------------------------------------------------------------
+
+    async def run(self, stop: asyncio.Event, exit_when_idle: bool) -> None:
+        """Run until stop is set (or, with exit_when_idle, until nothing is left)."""
+        tasks = [
+            asyncio.create_task(self._embed_loop(), name=f"{self.p.name}-embed-{i}")
+            for i in range(self.n_embedders)
+        ]
+        tasks.append(asyncio.create_task(self._write_loop(), name=f"{self.p.name}-write"))
+        tasks.append(asyncio.create_task(self._heartbeat(), name=f"{self.p.name}-heartbeat"))
+        claimer = asyncio.create_task(
+            self._claim_loop(stop, exit_when_idle), name=f"{self.p.name}-claim"
+        )
+        try:
+            await _supervise(claimer, tasks)
+            await _supervise(asyncio.create_task(self._soft_stop()), tasks)
+        finally:
+            for t in tasks:
+                t.cancel()
+            await asyncio.gather(*tasks, return_exceptions=True)
+            if self.in_flight:
+                # Hard stop: hand unfinished items back now instead of at lease end.
+                await self.queue.release(sorted(self.in_flight))
+                log.warning(
+                    "released unfinished items",
+                    extra={"pipeline": self.p.name, "n": len(self.in_flight)},
+                )
+
+    async def _soft_stop(self) -> None:
+        with contextlib.suppress(TimeoutError):
+            async with asyncio.timeout(self.wcfg.shutdown_timeout_s):
+                await self._wait_drained()
+
+    async def _claim_loop(self, stop: asyncio.Event, exit_when_idle: bool) -> None:
+        while not stop.is_set():
+            if self.paused_until > time.monotonic():
+                if exit_when_idle:
+                    raise ProviderPaused(self.paused_error or "provider paused")
+                await _wait_any(stop, self.paused_until - time.monotonic())
+                continue
+            free = self.capacity - len(self.in_flight)
+            if free < min(self.p.batch_size, self.capacity) and self.in_flight:
+                self.slot_freed.clear()
+                await _wait_first_or(stop, self.slot_freed)
+                continue
+            self.wakeup.clear()
+            items = await self.queue.claim(self.p.name, free)
+            if items:
+                self.events.claimed(self.p.name, len(items))
+                self.in_flight.update(i.id for i in items)
+                self.events.in_flight(self.p.name, len(self.in_flight))
+                await self._dispatch(items)
+                if len(items) == free:
+                    continue  # a full claim: more is likely waiting
+            elif exit_when_idle and not self.in_flight and await self._idle():
+                return
+            await _wait_first_or(stop, self.wakeup, timeout_s=await self._poll_s(exit_when_idle))
+
+    async def _idle(self) -> bool:
+        return await self.queue.pending([self.p.name]) == 0
+
+    async def _poll_s(self, exit_when_idle: bool) -> float:
+        poll_s = self.wcfg.poll_interval_s * random.uniform(0.8, 1.2)
+        if exit_when_idle and not self.in_flight:
+            nxt = await self.queue.next_ready_s([self.p.name])
+            if nxt is not None:
+                poll_s = min(poll_s, max(0.01, nxt))
+        return poll_s
+
+    async def _dispatch(self, items: list[Item]) -> None:
+        """Read current texts; finish what needs no API call; queue the rest for embedding."""
+        ids_by_key: dict[str, list[int]] = {}
+        attempts = max(i.attempts for i in items)
+        for item in items:
+            ids_by_key.setdefault(item.key, []).append(item.id)
+        rows = await self.store.fetch(list(ids_by_key))
+        now = WriteBatch()
+        todo: list[int] = []
+        for idx, row in enumerate(rows):
+            ids = ids_by_key[row.key]
+            if not row.present or row.text is None:
+                if self.p.target == "table":
+                    now.delete_keys.append(row.key)
+                elif row.present and row.stored_hash is not None:
+                    now.add_vector(row.key, None, None)
+                now.done_ids += ids
+                now.outcomes["cleared"] += len(ids)
+            elif row.hash == row.stored_hash:
+                now.done_ids += ids
+                now.outcomes["unchanged"] += len(ids)
+            else:
+                todo.append(idx)
+        if len(now):
+            await self.write_q.put(now)
+        size = self.p.batch_size
+        for start in range(0, len(todo), size):
+            chunk = [rows[i] for i in todo[start : start + size]]
+            job = EmbedJob(
+                [r.key for r in chunk],
+                [r.text or "" for r in chunk],
+                [r.hash or b"" for r in chunk],
+                [ids_by_key[r.key] for r in chunk],
+                attempts,
+            )
+            await self.embed_q.put(job)
+
+    async def _embed_loop(self) -> None:
+        while True:
+            job = await self.embed_q.get()
+            batch = WriteBatch()
+            failures: list[Failure] = []
+            await self._embed_job(job, batch, failures)
+            if failures:
+                await self._fail(failures, job.attempts)
+            if len(batch):
+                await self.write_q.put(batch)
+
+    async def _embed_job(self, job: EmbedJob, batch: WriteBatch, failures: list[Failure]) -> None:
+        try:
+            vectors = await self._embed_with_retries(job)
+        except InputError as err:
+            await self._split_bad_input(job, err, batch, failures)
+            return
+        except RetryableError as err:
+            failures += [
+                Failure(
+                    i,
+                    err.error_class,
+                    str(err),
+                    backoff_s(job.attempts, self.wcfg.retry_base_s, self.wcfg.retry_max_s, err),
+                )
+                for i in job.all_ids()
+            ]
+            return
+        except ProviderError as err:
+            self._pause(err)
+            failures += [
+                Failure(i, "provider_paused", str(err), PROVIDER_PAUSE_S, counts=False)
+                for i in job.all_ids()
+            ]
+            return
+        for i, key in enumerate(job.keys):
+            batch.add_vector(key, vectors[i], job.hashes[i])
+            batch.done_ids += job.ids[i]
+        batch.outcomes["embedded"] += len(job.keys)
+
+    async def _split_bad_input(
+        self, job: EmbedJob, err: InputError, batch: WriteBatch, failures: list[Failure]
+    ) -> None:
+        """One bad input must not fail its neighbours: isolate it, embed the rest."""
+        n = len(job.keys)
+        if n == 1:
+            failures += [Failure(i, err.error_class, str(err)) for i in job.ids[0]]
+            return
+        if err.index is not None and 0 <= err.index < n:
+            failures += [Failure(i, err.error_class, str(err)) for i in job.ids[err.index]]
+            rest = [i for i in range(n) if i != err.index]
+            await self._embed_job(job.part(rest), batch, failures)
+            return
+        half = n // 2
+        await self._embed_job(job.part(range(half)), batch, failures)
+        await self._embed_job(job.part(range(half, n)), batch, failures)
+
+    async def _embed_with_retries(self, job: EmbedJob) -> Vectors:
+        req = EmbedRequest(job.texts, self.p.model, self.p.dimensions, self.p.send_dimensions)
+        attempt = 0
+        while True:
+            attempt += 1
+            started = time.perf_counter()
+            try:
+                vectors = await self.embedder.embed(req)
+            except (RetryableError, InputError, ProviderError) as err:
+                self.events.api_request(
+                    self.provider,
+                    self.p.name,
+                    len(job.texts),
+                    time.perf_counter() - started,
+                    err.error_class,
+                )
+                if not isinstance(err, RetryableError) or attempt > self.wcfg.max_retries:
+                    raise
+                await asyncio.sleep(
+                    backoff_s(attempt, self.wcfg.retry_base_s, self.wcfg.retry_max_s, err)
+                )
+                continue
+            self.events.api_request(
+                self.provider, self.p.name, len(job.texts), time.perf_counter() - started, "ok"
+            )
+            return vectors
+
+    def _pause(self, err: ProviderError) -> None:
+        if self.paused_until < time.monotonic():
+            log.error(
+                "provider refuses requests; pipeline paused",
+                extra={
+                    "pipeline": self.p.name,
+                    "provider": self.provider,
+                    "error": str(err),
+                    "pause_s": PROVIDER_PAUSE_S,
+                },
+            )
+        self.paused_until = time.monotonic() + PROVIDER_PAUSE_S
+        self.paused_error = str(err)
+
+    async def _fail(self, failures: list[Failure], attempts: int) -> None:
+        """Past the attempt budget (or never retryable): dead letters; else back to the queue."""
+        final = [
+            f
+            for f in failures
+            if f.error_class == "invalid_input" or (attempts >= self.wcfg.max_attempts and f.counts)
+        ]
+        final_ids = {f.id for f in final}
+        later = [f for f in failures if f.id not in final_ids]
+        await self.queue.dead_letter(final)
+        await self.queue.retry(later)
+        if final:
+            self.events.failed(self.p.name, "dead_lettered", len(final), final[0].error)
+        if later:
+            self.events.failed(self.p.name, "retried", len(later), later[0].error)
+        self._finish([f.id for f in failures])
+
+    async def _write_loop(self) -> None:
+        while True:
+            batch = await self.write_q.get()
+            while not self.write_q.empty() and len(batch) < MAX_WRITE_ROWS:
+                batch.extend(self.write_q.get_nowait())
+            written = await self.store.write(batch)
+            outcomes = batch.outcomes
+            if self.p.target == "column":
+                # Vectors the hash guard refused: the text changed and a newer item follows.
+                outcomes["stale"] += len(batch.keys) - written - _cleared_vectors(batch)
+            for outcome, n in outcomes.items():
+                self.events.finished(self.p.name, outcome, n)
+            self._finish(batch.done_ids)
+
+    async def _heartbeat(self) -> None:
+        while True:
+            await asyncio.sleep(self.wcfg.lease_s / 3)
+            await self.queue.extend(sorted(self.in_flight))
+
+
+def _cleared_vectors(batch: WriteBatch) -> int:
+    return sum(1 for v in batch.vectors if v is None)
+
+
+async def _wait_first_or(
+    stop: asyncio.Event, other: asyncio.Event, timeout_s: float | None = None
+) -> None:
+    waits = [asyncio.create_task(stop.wait()), asyncio.create_task(other.wait())]
+    try:
+        await asyncio.wait(waits, timeout=timeout_s, return_when=asyncio.FIRST_COMPLETED)
+    finally:
+        for t in waits:
+            t.cancel()
+
+
+async def _supervise(main: asyncio.Task[None], helpers: list[asyncio.Task[None]]) -> None:
+    """Wait for main; if a helper dies first, stop with its error instead of limping on."""
+    done, _ = await asyncio.wait([main, *helpers], return_when=asyncio.FIRST_COMPLETED)
+    if main not in done:
+        main.cancel()
+        for t in done:
+            t.result()  # raises the helper's error
+        raise RuntimeError("a worker task ended unexpectedly")
+    main.result()
+
+
+class Worker:
+    """One process: every configured pipeline, one LISTEN connection, one pool."""
+
+    def __init__(
+        self,
+        cfg: Config,
+        pool: asyncpg.Pool,
+        embedders: dict[str, Embedder],
+        rendered: dict[str, PipelineSQL],
+        events: Events,
+    ) -> None:
+        self.cfg = cfg
+        self.pool = pool
+        self.events = events
+        self.worker_id = f"{socket.gethostname()}:{os.getpid()}:{uuid.uuid4().hex[:8]}"
+        self.queue = Queue(pool, self.worker_id, cfg.worker.lease_s)
+        self.wakeups = {p.name: asyncio.Event() for p in cfg.pipelines}
+        self.runners = [
+            PipelineRunner(
+                p,
+                cfg.worker,
+                self.queue,
+                VectorStore(pool, rendered[p.name], p.target, p.vector_type),
+                embedders[p.provider],
+                p.provider,
+                cfg.providers[p.provider].max_concurrency,
+                events,
+                self.wakeups[p.name],
+            )
+            for p in cfg.pipelines
+        ]
+
+    async def run(self, stop: asyncio.Event, exit_when_idle: bool = False) -> None:
+        listener = Listener(self.cfg.database.url, self.wakeups, connect_kwargs())
+        listen_task = asyncio.create_task(listener.run(stop), name="listener")
+        runs = [
+            asyncio.create_task(r.run(stop, exit_when_idle), name=r.p.name) for r in self.runners
+        ]
+        log.info(
+            "worker started",
+            extra={"worker_id": self.worker_id, "pipelines": [r.p.name for r in self.runners]},
+        )
+        try:
+            all_runs = asyncio.gather(*runs)
+            await _supervise(asyncio.ensure_future(all_runs), [listen_task])  # type: ignore[arg-type]
+        finally:
+            stop.set()
+            for t in runs:
+                t.cancel()
+            await asyncio.gather(*runs, return_exceptions=True)
+            listen_task.cancel()
+            await asyncio.gather(listen_task, return_exceptions=True)

@@ -1,0 +1,87 @@
+"""Reads the current text and hash of source rows; writes vectors under the hash guard.
+
+One batch of results is one transaction: vectors, side-table deletes and the removal of
+the finished queue items commit together.
+"""
+
+from __future__ import annotations
+
+from collections import Counter
+from collections.abc import Sequence
+from dataclasses import dataclass, field
+from typing import Any
+
+import asyncpg
+from pgvector import HalfVector, Vector
+
+from syncer.queue import Queue
+from syncer.schema import PipelineSQL
+
+
+@dataclass(frozen=True)
+class SourceRow:
+    key: str
+    present: bool
+    text: str | None
+    hash: bytes | None
+    stored_hash: bytes | None
+
+
+@dataclass
+class WriteBatch:
+    keys: list[str] = field(default_factory=list)
+    vectors: list[Any] = field(default_factory=list)  # numpy arrays; None clears (column)
+    hashes: list[bytes | None] = field(default_factory=list)
+    delete_keys: list[str] = field(default_factory=list)
+    done_ids: list[int] = field(default_factory=list)
+    outcomes: Counter[str] = field(default_factory=Counter)  # for events: item counts by outcome
+
+    def add_vector(self, key: str, vector: Any, hash_: bytes | None) -> None:
+        self.keys.append(key)
+        self.vectors.append(vector)
+        self.hashes.append(hash_)
+
+    def extend(self, other: WriteBatch) -> None:
+        self.keys += other.keys
+        self.vectors += other.vectors
+        self.hashes += other.hashes
+        self.delete_keys += other.delete_keys
+        self.done_ids += other.done_ids
+        self.outcomes.update(other.outcomes)
+
+    def __len__(self) -> int:
+        return len(self.done_ids)
+
+
+class VectorStore:
+    def __init__(
+        self, pool: asyncpg.Pool, rendered: PipelineSQL, target: str, vector_type: str
+    ) -> None:
+        self.pool = pool
+        self.vector_type = vector_type
+        self.sql = rendered
+        self.target = target
+
+    async def fetch(self, keys: Sequence[str]) -> list[SourceRow]:
+        rows = await self.pool.fetch(self.sql["rows_fetch"], list(keys))
+        return [SourceRow(r[0], r[1], r[2], r[3], r[4]) for r in rows]
+
+    async def write(self, batch: WriteBatch) -> int:
+        """Returns how many vectors were written (rows whose text changed meanwhile are not)."""
+        async with self.pool.acquire() as conn, conn.transaction():
+            # Losing this commit in a server crash only means the items run again.
+            await conn.execute(
+                "SET LOCAL synchronous_commit = off; SET LOCAL syncer.writing = 'on'"
+            )
+            written = 0
+            if batch.keys:
+                stmt = "vectors_write_column" if self.target == "column" else "vectors_write_table"
+                # asyncpg would read a list of arrays as a 2-d array: wrap each vector.
+                wrap = Vector if self.vector_type == "vector" else HalfVector
+                vectors = [None if v is None else wrap(v) for v in batch.vectors]
+                status = await conn.execute(self.sql[stmt], batch.keys, vectors, batch.hashes)
+                written = int(status.split()[-1])
+            if batch.delete_keys and self.target == "table":
+                await conn.execute(self.sql["vectors_delete_table"], batch.delete_keys)
+            await Queue.complete(conn, batch.done_ids)
+        return written
