@@ -15,6 +15,7 @@ from syncer import app
 from syncer import config as config_mod
 from syncer.config import Config, ConfigError
 from syncer.db import DatabaseError
+from syncer.demo import demo
 from syncer.observe import setup_logging
 from syncer.schema import SchemaError
 
@@ -147,6 +148,8 @@ def status(obj: Ctx) -> None:
             f"{oldest:>9} {r['dead_letters']:>6}"
         )
 
+
+main.add_command(demo)
 
 if __name__ == "__main__":  # pragma: no cover
     main()

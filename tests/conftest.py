@@ -81,12 +81,16 @@ def _q(s: str) -> str:
     return '"' + s.replace("\\", "\\\\").replace('"', '\\"') + '"'
 
 
-def base_toml(db_url: str, fake_url: str, concurrency: int = 4, worker: str = "") -> str:
+TEST_WORKER = {"poll_interval_s": 0.5, "lease_s": 5, "retry_base_s": 0.05}
+
+
+def base_toml(db_url: str, fake_url: str, concurrency: int = 4, worker: dict[str, Any] | None = None) -> str:
+    settings = {**TEST_WORKER, **(worker or {})}
     return (
         f"[database]\nurl = {_q(db_url)}\n\n"
         f"[providers.fake]\nkind = \"openai\"\nbase_url = {_q(fake_url)}\n"
         f"api_key_env = \"FAKE_API_KEY\"\nmax_concurrency = {concurrency}\ntimeout_s = 5\n\n"
-        f"[worker]\npoll_interval_s = 0.5\nlease_s = 5\nretry_base_s = 0.05\n{worker}\n"
+        "[worker]\n" + "".join(f"{k} = {v}\n" for k, v in settings.items())
     )
 
 
@@ -103,7 +107,7 @@ DEFAULT_PIPELINE = {
 
 @pytest.fixture()
 def make_config(tmp_path: Path, db_url: str, fake: FakeEmbedderProcess) -> Callable[..., Path]:
-    def make(*pipelines: dict[str, Any], concurrency: int = 4, worker: str = "") -> Path:
+    def make(*pipelines: dict[str, Any], concurrency: int = 4, worker: dict[str, Any] | None = None) -> Path:
         body = base_toml(db_url, fake.url, concurrency, worker)
         for p in pipelines or (DEFAULT_PIPELINE,):
             body += "\n" + pipeline_toml(**p)

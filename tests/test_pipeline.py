@@ -11,6 +11,7 @@ from syncer.fake_embedder import FakeEmbedderProcess, fake_vector
 from tests.conftest import DEFAULT_PIPELINE, syncer
 
 DIM = 8
+ODD = '"My Schema"."Odd ""Table"""'  # needs quoting: a space, mixed case, a quote
 
 
 def create_docs(db: psycopg.Connection[Any], table: str = "docs") -> None:
@@ -58,3 +59,124 @@ def test_insert_update_and_noop_update(db: psycopg.Connection[Any], make_config:
     assert r.returncode == 0, r.stderr
     assert fake.inputs() == ["Hello\n\nchanged"]
     assert_synced(db)
+
+
+def test_text_changed_back_costs_no_call(db: psycopg.Connection[Any], make_config: Any, fake: FakeEmbedderProcess) -> None:
+    create_docs(db)
+    config = make_config()
+    db.execute("INSERT INTO docs VALUES (1, 'A', 'x', NULL)")
+    install_and_drain(config)
+    fake.reset()
+    db.execute("UPDATE docs SET body = 'y' WHERE id = 1")
+    db.execute("UPDATE docs SET body = 'x' WHERE id = 1")  # back to the embedded text
+    r = syncer(config, "run", "--exit-when-idle")
+    assert r.returncode == 0, r.stderr
+    assert fake.inputs() == []
+    assert_synced(db)
+    assert db.execute("SELECT count(*) FROM syncer.queue").fetchone() == (0,)
+
+
+def test_null_and_empty_text(db: psycopg.Connection[Any], make_config: Any, fake: FakeEmbedderProcess) -> None:
+    create_docs(db)
+    config = make_config()
+    db.execute("INSERT INTO docs VALUES (1, NULL, NULL, NULL), (2, '', '', NULL), (3, '', 'only body', NULL)")
+    install_and_drain(config)
+    assert fake.inputs() == ["only body"]
+    assert_synced(db)
+    rows = db.execute("SELECT id, embedding_hash IS NULL FROM docs ORDER BY id").fetchall()
+    assert rows == [(1, True), (2, True), (3, False)]
+    # Text removed: the vector and its hash become NULL, with no API call.
+    fake.reset()
+    db.execute("UPDATE docs SET body = NULL WHERE id = 3")
+    r = syncer(config, "run", "--exit-when-idle")
+    assert r.returncode == 0, r.stderr
+    assert fake.inputs() == []
+    assert db.execute("SELECT embedding, embedding_hash FROM docs WHERE id = 3").fetchone() == (None, None)
+
+
+def test_unicode_quotes_and_large_text(db: psycopg.Connection[Any], make_config: Any, fake: FakeEmbedderProcess) -> None:
+    create_docs(db)
+    config = make_config()
+    big = "παράδειγμα 例子 \"quoted\" 'single' \\ back\\slash; DROP TABLE docs; -- " * 1400
+    assert len(big.encode()) > 100_000
+    rows = [(1, "emoji 🚀🔥", "naïve café — “curly”"), (2, "it's", 'say "hi"'), (3, "big", big), (4, "nul-free\ttab", "\n\nnewlines\n")]
+    with db.cursor() as cur:
+        cur.executemany("INSERT INTO docs (id, title, body) VALUES (%s, %s, %s)", rows)
+    install_and_drain(config)
+    assert assert_synced(db) == 4
+    assert sorted(fake.inputs()) == sorted(composed(t, b) for _, t, b in rows)
+
+
+def test_side_table_target_and_delete(db: psycopg.Connection[Any], make_config: Any, fake: FakeEmbedderProcess) -> None:
+    create_docs(db)
+    config = make_config({**DEFAULT_PIPELINE, "target": "table", "target_table": "public.docs_vectors"})
+    db.execute("INSERT INTO docs VALUES (1, 'one', NULL, NULL), (2, 'two', NULL, NULL), (3, NULL, NULL, NULL)")
+    install_and_drain(config)
+    sql = "SELECT d.title, d.body, v.embedding FROM docs d LEFT JOIN docs_vectors v USING (id)"
+    assert assert_synced(db, sql) == 3
+    assert db.execute("SELECT count(*) FROM docs_vectors").fetchone() == (2,)
+    # The source table itself is untouched: no vector column was added to it.
+    cols = [r[0] for r in db.execute("SELECT column_name FROM information_schema.columns WHERE table_name = 'docs'")]
+    assert "embedding" not in cols
+    db.execute("DELETE FROM docs WHERE id = 1")
+    db.execute("UPDATE docs SET title = NULL WHERE id = 2")
+    db.execute("UPDATE docs SET title = 'three' WHERE id = 3")
+    r = syncer(config, "run", "--exit-when-idle")
+    assert r.returncode == 0, r.stderr
+    assert db.execute("SELECT id FROM docs_vectors ORDER BY id").fetchall() == [(3,)]
+    assert_synced(db, sql)
+
+
+def test_composite_key_halfvec_and_odd_names(db: psycopg.Connection[Any], make_config: Any, fake: FakeEmbedderProcess) -> None:
+    db.execute('CREATE SCHEMA "My Schema"')
+    db.execute(
+        f'CREATE TABLE {ODD} (tenant text, "Doc Id" int, "Title Col" text, '
+        '"bo""dy" text, PRIMARY KEY (tenant, "Doc Id"))'
+    )
+    config = make_config({
+        **DEFAULT_PIPELINE,
+        "table": ODD,
+        "text": ["Title Col", 'bo"dy'],
+        "column": "Vec Col",
+        "vector_type": "halfvec",
+    })
+    db.execute(f"INSERT INTO {ODD} VALUES ('a', 1, 'x', 'y'), ('b', 1, 'x', 'z'), ('a', 2, 'w', NULL)")
+    install_and_drain(config)
+    rows = db.execute(f'SELECT "Title Col", "bo""dy", "Vec Col" FROM {ODD}').fetchall()
+    assert len(rows) == 3
+    for title, body, vec in rows:
+        expected = fake_vector(composed(title, body) or "", DIM).astype(np.float16)
+        np.testing.assert_allclose(np.asarray(vec.to_list(), dtype=np.float16), expected, rtol=1e-3)
+    db.execute(f"""UPDATE {ODD} SET "bo""dy" = 'new' WHERE tenant = 'b'""")
+    fake.reset()
+    r = syncer(config, "run", "--exit-when-idle")
+    assert r.returncode == 0, r.stderr
+    assert fake.inputs() == ["x\n\nnew"]
+
+
+def test_bulk_insert_embeds_each_row_once(db: psycopg.Connection[Any], make_config: Any, fake: FakeEmbedderProcess) -> None:
+    create_docs(db)
+    config = make_config(concurrency=8)
+    assert syncer(config, "install").returncode == 0
+    db.execute("INSERT INTO docs SELECT g, 'title ' || g, 'body ' || g FROM generate_series(1, 10000) g")
+    # One statement: the queue got the rows in one insert, not 10,000 trigger calls.
+    assert db.execute("SELECT count(*) FROM syncer.queue").fetchone() == (10000,)
+    r = syncer(config, "run", "--exit-when-idle")
+    assert r.returncode == 0, r.stderr
+    inputs = fake.inputs()
+    assert len(inputs) == 10000 and len(set(inputs)) == 10000
+    assert assert_synced(db) == 10000
+    assert db.execute("SELECT count(*) FROM syncer.queue").fetchone() == (0,)
+
+
+def test_model_change_makes_vectors_stale(db: psycopg.Connection[Any], make_config: Any, fake: FakeEmbedderProcess) -> None:
+    create_docs(db)
+    db.execute("INSERT INTO docs VALUES (1, 'a', 'b', NULL), (2, 'c', NULL, NULL)")
+    install_and_drain(make_config())
+    changed = make_config({**DEFAULT_PIPELINE, "model": "text-embedding-3-large"})
+    r = syncer(changed, "run", "--exit-when-idle")
+    assert r.returncode != 0 and "configuration changed since install" in r.stderr
+    fake.reset()
+    install_and_drain(changed)  # install re-queues every row embedded with the old model
+    assert sorted(fake.inputs()) == ["a\n\nb", "c"]
+    assert {r["model"] for r in fake.requests()} == {"text-embedding-3-large"}
