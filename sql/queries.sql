@@ -88,3 +88,44 @@ FROM syncer.pipelines WHERE name = $1;
 
 -- pipeline_delete --
 DELETE FROM syncer.pipelines WHERE name = $1;
+
+-- dead_letter_select --
+-- The dead letters matching the filters (NULL: any), oldest first.
+SELECT id, pipeline, key::text, error_class, error, attempts, first_failed_at, last_failed_at
+FROM syncer.dead_letters
+WHERE ($1::text IS NULL OR pipeline = $1)
+  AND ($2::text IS NULL OR error_class = $2)
+  AND ($3::timestamptz IS NULL OR last_failed_at >= $3)
+ORDER BY id
+LIMIT $4;
+
+-- dead_letter_replay --
+-- Move matching dead letters back to the queue, as fresh items, in one statement.
+WITH picked AS (
+    SELECT id FROM syncer.dead_letters
+    WHERE ($1::text IS NULL OR pipeline = $1)
+      AND ($2::text IS NULL OR error_class = $2)
+      AND ($3::timestamptz IS NULL OR last_failed_at >= $3)
+    ORDER BY id
+    LIMIT $4
+    FOR UPDATE SKIP LOCKED
+), moved AS (
+    DELETE FROM syncer.dead_letters d USING picked p WHERE d.id = p.id
+    RETURNING d.pipeline, d.key
+)
+INSERT INTO syncer.queue (pipeline, key)
+SELECT pipeline, key FROM moved
+RETURNING pipeline;
+
+-- dead_letter_counts --
+SELECT pipeline, error_class, count(*) AS n, max(last_failed_at) AS newest
+FROM syncer.dead_letters
+GROUP BY pipeline, error_class
+ORDER BY pipeline, error_class;
+
+-- dead_letter_newest --
+SELECT pipeline, key::text, error_class, error, attempts, last_failed_at
+FROM syncer.dead_letters
+WHERE ($1::text IS NULL OR pipeline = $1)
+ORDER BY id DESC
+LIMIT $2;

@@ -6,6 +6,7 @@ import asyncio
 import signal
 from collections.abc import Callable
 from dataclasses import dataclass
+from datetime import datetime
 from pathlib import Path
 
 import asyncpg
@@ -173,3 +174,54 @@ async def status(cfg: Config) -> list[asyncpg.Record]:
         )
     finally:
         await conn.close()
+
+
+@dataclass(frozen=True)
+class DeadLetterFilter:
+    pipeline: str | None = None
+    error_class: str | None = None
+    since: datetime | None = None
+    limit: int | None = None
+
+
+async def replay_dead_letters(
+    cfg: Config, f: DeadLetterFilter, dry_run: bool
+) -> tuple[int, list[asyncpg.Record]]:
+    """Move matching dead letters back to the queue in one transaction; returns how many
+    (and, for a dry run, which ones it would move)."""
+    if f.pipeline:
+        cfg.pipeline(f.pipeline)  # a typo in the name is an error, not "0 replayed"
+    conn = await _installed(cfg)
+    try:
+        args = (f.pipeline, f.error_class, f.since, f.limit)
+        if dry_run:
+            rows = await conn.fetch(query("dead_letter_select"), *args)
+            return len(rows), rows
+        async with conn.transaction():
+            moved = await conn.fetch(query("dead_letter_replay"), *args)
+            for name in sorted({r["pipeline"] for r in moved}):
+                await conn.execute("SELECT pg_notify('syncer', $1)", name)
+        return len(moved), []
+    finally:
+        await conn.close()
+
+
+async def dead_letter_report(
+    cfg: Config, pipeline: str | None, newest: int
+) -> tuple[list[asyncpg.Record], list[asyncpg.Record]]:
+    conn = await _installed(cfg)
+    try:
+        counts = await conn.fetch(query("dead_letter_counts"))
+        if pipeline:
+            counts = [r for r in counts if r["pipeline"] == pipeline]
+        return counts, await conn.fetch(query("dead_letter_newest"), pipeline, newest)
+    finally:
+        await conn.close()
+
+
+async def _installed(cfg: Config) -> asyncpg.Connection:
+    conn = await connect(cfg.database.url)
+    if await schema.installed_version(conn) is None:
+        await conn.close()
+        raise SchemaError("syncer is not installed in this database: run `syncer install` first")
+    return conn

@@ -5,11 +5,13 @@ from __future__ import annotations
 import asyncio
 import sys
 from collections.abc import Callable, Coroutine
+from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any, TypeVar
 
 import asyncpg
 import click
+import orjson
 
 from syncer import app
 from syncer import config as config_mod
@@ -146,6 +148,71 @@ def status(obj: Ctx) -> None:
         click.echo(
             f"{r['name']:20} {r['queued']:>8} {r['in_progress']:>8} {r['waiting_retry']:>8} "
             f"{oldest:>9} {r['dead_letters']:>6}"
+        )
+
+
+@main.command("replay-dlq")
+@click.option("--pipeline", default=None, help="Only this pipeline.")
+@click.option("--error-class", default=None, help="Only this error class (see `dlq list`).")
+@click.option(
+    "--since",
+    type=click.DateTime(["%Y-%m-%d", "%Y-%m-%dT%H:%M:%S", "%Y-%m-%d %H:%M:%S"]),
+    default=None,
+    help="Only dead letters that last failed at or after this time (UTC).",
+)
+@click.option("--limit", type=click.IntRange(min=1), default=None, help="At most this many.")
+@click.option("--dry-run", is_flag=True, help="Show what would move; move nothing.")
+@click.pass_obj
+def replay_dlq(
+    obj: Ctx,
+    pipeline: str | None,
+    error_class: str | None,
+    since: datetime | None,
+    limit: int | None,
+    dry_run: bool,
+) -> None:
+    """Move dead letters back to the queue (one transaction)."""
+    cfg = obj.config()
+    since_utc = since.replace(tzinfo=UTC) if since else None
+    f = app.DeadLetterFilter(pipeline, error_class, since_utc, limit)
+    n, rows = _guard(lambda: _run_async(app.replay_dead_letters(cfg, f, dry_run)))
+    if dry_run:
+        for r in rows:
+            click.echo(f"{r['pipeline']}\t{r['key']}\t{r['error_class']}\t{r['error'][:120]}")
+        click.echo(f"would replay {n} dead letters")
+    else:
+        click.echo(f"replayed {n} dead letters")
+
+
+@main.group()
+def dlq() -> None:
+    """Inspect the dead-letter table."""
+
+
+@dlq.command("list")
+@click.option("--pipeline", default=None, help="Only this pipeline.")
+@click.option("--newest", type=click.IntRange(min=0), default=20, show_default=True)
+@click.option("--json", "as_json", is_flag=True, help="Machine-readable output.")
+@click.pass_obj
+def dlq_list(obj: Ctx, pipeline: str | None, newest: int, as_json: bool) -> None:
+    """Counts by pipeline and error class, and the newest errors (never row text)."""
+    cfg = obj.config()
+    counts, latest = _guard(lambda: _run_async(app.dead_letter_report(cfg, pipeline, newest)))
+    if as_json:
+        doc = {
+            "counts": [dict(r) for r in counts],
+            "newest": [{**dict(r), "key": orjson.loads(r["key"])} for r in latest],
+        }
+        click.echo(orjson.dumps(doc, default=str).decode())
+        return
+    click.echo(f"{'pipeline':20} {'error_class':20} {'count':>7}  newest")
+    for r in counts:
+        click.echo(
+            f"{r['pipeline']:20} {r['error_class']:20} {r['n']:>7}  {r['newest']:%Y-%m-%d %H:%M:%S}"
+        )
+    for r in latest:
+        click.echo(
+            f"{r['last_failed_at']:%Y-%m-%d %H:%M:%S} {r['pipeline']} {r['key']} {r['error_class']}: {r['error'][:200]}"
         )
 
 
