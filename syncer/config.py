@@ -48,6 +48,13 @@ class ProviderConfig(_Model):
     api_key_env: str | None = "OPENAI_API_KEY"
     max_concurrency: int = Field(default=16, ge=1, le=1024)
     timeout_s: float = Field(default=30.0, gt=0)
+    rpm: int | None = Field(default=None, ge=1)  # requests per minute; None: no limit
+    tpm: int | None = Field(default=None, ge=1)  # estimated tokens per minute; None: no limit
+    max_inputs_per_request: int = Field(default=2048, ge=1)
+    max_tokens_per_input: int = Field(default=8191, ge=1)
+    max_tokens_per_request: int = Field(default=300_000, ge=1)
+    breaker_failures: int = Field(default=5, ge=1)  # consecutive failures that open it
+    breaker_reset_s: float = Field(default=30.0, gt=0)  # cool-down before a probe
 
     @field_validator("base_url")
     @classmethod
@@ -82,6 +89,7 @@ class PipelineConfig(_Model):
     send_dimensions: bool = True
     vector_type: Literal["vector", "halfvec"] = "vector"
     batch_size: int = Field(default=64, ge=1, le=2048)
+    on_too_long: Literal["truncate", "dead_letter"] = "truncate"
 
     @field_validator("name")
     @classmethod

@@ -6,6 +6,11 @@ every request lands in an in-memory log that `GET /_requests` and `GET /_stats` 
 Run it with `python -m syncer.fake_embedder --port 0`, or from Python with
 `FakeEmbedderProcess`, which drives a real subprocess so the client under test sees real
 sockets (resets, hangs) and the server's CPU does not count as the caller's.
+
+Endpoints: POST /v1/embeddings; POST /_control (JSON knobs: latency_ms, latency_jitter_ms,
+fail_next, fail_rate, fail_kinds, seed, rpm, tpm, api_key, models, max_tokens_per_input);
+POST /_reset; GET /_requests; GET /_stats. Fault kinds for fail_next: status, hang, reset,
+malformed, wrong_count, wrong_dim, nan, bad_base64, missing_index.
 """
 
 from __future__ import annotations
@@ -32,8 +37,9 @@ import time
 import urllib.error
 import urllib.request
 from collections import Counter, deque
+from collections.abc import Callable
 from types import TracebackType
-from typing import Any, NoReturn
+from typing import Any, NoReturn, cast
 
 import numpy as np
 import numpy.typing as npt
@@ -50,13 +56,18 @@ FAULT_KINDS = frozenset(
     | {"missing_index"}
 )
 _FAULT_KEYS = frozenset({"kind", "repeat", "status", "retry_after", "headers", "body", "hang_s"})
-_STATUS_MESSAGES = {
+_STATUS_ERRORS = {
     429: ("Rate limit reached. Please try again later.", "requests", "rate_limit_exceeded"),
     500: ("The server had an error while processing your request.", "server_error", None),
     503: ("The engine is currently overloaded, please try again later.", "server_error", None),
 }
 
+# Fields are replaced, never mutated, so the shared empty list is safe.
+_BLANK_ENTRY: dict[str, Any] = {"status": 0, "n_inputs": 0, "tokens": 0, "inputs": []}
+_BLANK_ENTRY |= {"model": None, "dimensions": None, "encoding_format": "float", "fault": None}
+
 Vector = npt.NDArray[np.float32]
+_Check = Callable[[Any], Any]
 
 
 @functools.lru_cache(maxsize=50_000)
@@ -114,19 +125,23 @@ class _EmbedRequest:
 
 
 class _ApiError(Exception):
-    def __init__(self, status: int, message: str, *, kind: str = "invalid_request_error",
-                 param: str | None = None, code: str | None = None,
-                 headers: dict[str, str] | None = None) -> None:  # fmt: skip
+    """An OpenAI-shaped error answer."""
+
+    def __init__(
+        self,
+        status: int,
+        message: str,
+        param: str | None = None,
+        code: str | None = None,
+        kind: str = "invalid_request_error",
+        headers: dict[str, str] | None = None,
+    ) -> None:
         super().__init__(message)
         self.status, self.headers = status, headers or {}
         self.body = {"error": {"message": message, "type": kind, "param": param, "code": code}}
 
     def response(self) -> web.Response:
         return _json(self.body, status=self.status, headers=self.headers)
-
-
-class _Dropped(Exception):
-    """The connection was dropped on purpose: there is no HTTP answer to send."""
 
 
 def _json(payload: Any, status: int = 200, headers: dict[str, str] | None = None) -> web.Response:
@@ -160,21 +175,13 @@ class _FakeServer:
         self.by_status: Counter[str] = Counter()
 
     async def embeddings(self, request: web.Request) -> web.StreamResponse:
-        entry: dict[str, Any] = {
-            "t": time.monotonic(), "wall": time.time(), "status": 0, "n_inputs": 0,
-            "tokens": 0, "model": None, "dimensions": None, "encoding_format": "float",
-            "inputs": [], "fault": None,
-        }  # fmt: skip
+        entry = {"t": time.monotonic(), "wall": time.time(), **_BLANK_ENTRY}
         self.log.append(entry)
         try:
             response = await self._answer(request, entry)
         except _ApiError as error:
             entry["status"] = error.status
             response = error.response()
-        except _Dropped:
-            # No answer can be sent; end the handler the way a client disconnect does,
-            # which aiohttp handles quietly instead of logging a 500.
-            raise asyncio.CancelledError from None
         finally:  # also when the handler is cancelled or the connection was dropped
             self._count(entry)
         response.headers["x-request-id"] = f"req_{os.getpid():x}{next(self._ids):08x}"
@@ -244,7 +251,9 @@ class _FakeServer:
         entry["dimensions"] = dimensions
         encoding = body.get("encoding_format", "float")
         if encoding not in ("float", "base64"):
-            raise _ApiError(400, "'encoding_format' must be 'float' or 'base64'.", param="encoding_format")  # fmt: skip
+            raise _ApiError(
+                400, "'encoding_format' must be 'float' or 'base64'.", param="encoding_format"
+            )
         entry["encoding_format"] = encoding
         models = self.knobs.models
         if models is not None and model not in models:
@@ -262,8 +271,10 @@ class _FakeServer:
                 raise _ApiError(400, f"Input at index {index} is an empty string.", param=param)
             tokens = estimate_tokens(text)
             if tokens > limit:
-                message = (f"This model's maximum context length is {limit} tokens, but input at "
-                           f"index {index} has {tokens} tokens.")  # fmt: skip
+                message = (
+                    f"This model's maximum context length is {limit} tokens, but input at "
+                    f"index {index} has {tokens} tokens."
+                )
                 raise _ApiError(400, message, param=param)
             if BAD_INPUT_MARKER in text:
                 raise _ApiError(400, f"Input at index {index} is invalid.", param=param)
@@ -287,7 +298,9 @@ class _FakeServer:
             return _status_response(fault)
         if kind == "malformed":
             entry["status"] = 200
-            return web.Response(body=b'{"object": "list", "data": [{"obj', content_type="application/json")  # fmt: skip
+            return web.Response(
+                body=b'{"object": "list", "data": [{"obj', content_type="application/json"
+            )
         if kind == "hang":
             await asyncio.sleep(fault.get("hang_s", 3600.0))
             _drop(request)
@@ -319,8 +332,10 @@ class _FakeServer:
         if wait_s > 0:
             headers = self._limit_headers(now)
             headers["Retry-After"] = str(math.ceil(wait_s))
-            message = (f"Rate limit reached for {embed.model} on {scope} per min. "
-                       f"Please try again in {_duration(wait_s)}.")  # fmt: skip
+            message = (
+                f"Rate limit reached for {embed.model} on {scope} per min. "
+                f"Please try again in {_duration(wait_s)}."
+            )
             raise _ApiError(429, message, kind=scope, code="rate_limit_exceeded", headers=headers)
         window.append((now, embed.tokens))
         self.window_tokens += embed.tokens
@@ -345,7 +360,7 @@ class _FakeServer:
             try:
                 fields = orjson.loads(await request.read() or b"{}")
                 self._apply_control(fields)
-            except (orjson.JSONDecodeError, ValueError, TypeError) as error:
+            except ValueError as error:  # orjson.JSONDecodeError is one too
                 return _ApiError(400, f"Bad control request: {error}").response()
         return _json({**dataclasses.asdict(self.knobs), "pending_faults": len(self.faults)})
 
@@ -358,7 +373,7 @@ class _FakeServer:
                 raise ValueError(f"unknown field {name!r}")
             try:
                 parsed[name] = _CONTROL_FIELDS[name](value)
-            except (ValueError, TypeError) as error:
+            except ValueError as error:
                 raise ValueError(f"{name}: {error}") from None
         # Validate everything before changing anything, so a bad request changes nothing.
         for name, value in parsed.items():
@@ -377,8 +392,8 @@ class _FakeServer:
         return _json(self.log)
 
     async def stats_handler(self, request: web.Request) -> web.Response:
-        return _json({"requests": len(self.log), **self.counts,
-                      "by_status": self.by_status, "cpu_s": time.process_time()})  # fmt: skip
+        stats = {"requests": len(self.log), **self.counts, "by_status": self.by_status}
+        return _json({**stats, "cpu_s": time.process_time()})
 
 
 def _drop(request: web.Request) -> NoReturn:
@@ -389,20 +404,22 @@ def _drop(request: web.Request) -> NoReturn:
         with contextlib.suppress(OSError, AttributeError):
             sock.setsockopt(socket.SOL_SOCKET, socket.SO_LINGER, struct.pack("ii", 1, 0))
         transport.abort()
-    raise _Dropped
+    # No answer can be sent: end the handler the way a client disconnect does, which
+    # aiohttp handles quietly instead of logging a 500.
+    raise asyncio.CancelledError
 
 
 def _status_response(fault: dict[str, Any]) -> web.Response:
     status = fault["status"]
-    headers = dict(fault.get("headers") or {})
+    headers = {str(k): str(v) for k, v in (fault.get("headers") or {}).items()}
     if fault.get("retry_after") is not None:
         headers["Retry-After"] = str(fault["retry_after"])
     body = fault.get("body")
     if isinstance(body, str):
         return web.Response(text=body, status=status, headers=headers)
     if body is None:
-        default = ("Injected failure.", "invalid_request_error" if status < 500 else "server_error", None)  # fmt: skip
-        message, kind, code = _STATUS_MESSAGES.get(status, default)
+        kind = "server_error" if status >= 500 else "invalid_request_error"
+        message, kind, code = _STATUS_ERRORS.get(status, ("Injected failure.", kind, None))
         body = {"error": {"message": message, "type": kind, "param": None, "code": code}}
     return _json(body, status=status, headers=headers)
 
@@ -414,7 +431,9 @@ def _embeddings_body(embed: _EmbedRequest, fault: str | None) -> bytes:
     elif fault == "nan":
         vectors[0] = vectors[0].copy()
         vectors[0][0] = np.nan
-    embeddings: list[Any] = [_b64(v) for v in vectors] if embed.encoding_format == "base64" else vectors  # fmt: skip
+    embeddings: list[Any] = (
+        [_b64(v) for v in vectors] if embed.encoding_format == "base64" else vectors
+    )
     if fault == "bad_base64":
         embeddings[0] = _b64(vectors[0])[:-3]  # 1 more than a multiple of 4: never decodes
     data = [{"object": "embedding", "index": i, "embedding": e} for i, e in enumerate(embeddings)]
@@ -431,38 +450,21 @@ def _embeddings_body(embed: _EmbedRequest, fault: str | None) -> bytes:
     return body
 
 
-def _non_negative(value: Any) -> float:
-    if isinstance(value, bool) or not isinstance(value, int | float) or value < 0:
-        raise ValueError("must be a number >= 0")
-    return float(value)
+def _is_number(value: Any) -> bool:
+    return type(value) in (int, float) and value >= 0
 
 
-def _fraction(value: Any) -> float:
-    if _non_negative(value) > 1:
-        raise ValueError("must be between 0 and 1")
-    return float(value)
+def _is_count(value: Any) -> bool:
+    return type(value) is int and value >= 1
 
 
-def _positive_int(value: Any) -> int:
-    if type(value) is not int or value < 1:
-        raise ValueError("must be an integer >= 1")
-    return value
+def _checked(ok: Callable[[Any], bool], need: str, nullable: bool = False) -> _Check:
+    def check(value: Any) -> Any:
+        if (nullable and value is None) or ok(value):
+            return value
+        raise ValueError(f"must be {need}{' or null' if nullable else ''}")
 
-
-def _optional(check: Any) -> Any:
-    return lambda value: None if value is None else check(value)
-
-
-def _string(value: Any) -> str:
-    if not isinstance(value, str):
-        raise ValueError("must be a string")
-    return value
-
-
-def _models(value: Any) -> list[str]:
-    if not isinstance(value, list) or not all(isinstance(m, str) for m in value):
-        raise ValueError("must be a list of strings")
-    return value
+    return check
 
 
 def _fault(spec: Any) -> dict[str, Any]:
@@ -470,17 +472,21 @@ def _fault(spec: Any) -> dict[str, Any]:
         raise ValueError(f"fault {spec!r} needs a kind among {sorted(FAULT_KINDS)}")
     if unknown := set(spec) - _FAULT_KEYS:
         raise ValueError(f"fault {spec!r} has unknown keys {sorted(unknown)}")
-    if spec["kind"] == "status" and (type(spec.get("status")) is not int or not 100 <= spec["status"] <= 599):  # fmt: skip
+    if not isinstance(spec.get("headers", {}), dict):
+        raise ValueError(f"fault {spec!r}: headers must be an object")
+    if spec["kind"] == "status" and (
+        type(spec.get("status")) is not int or not 100 <= spec["status"] <= 599
+    ):
         raise ValueError(f"fault {spec!r} needs an HTTP status")
-    if "hang_s" in spec:
-        _non_negative(spec["hang_s"])
+    if not _is_number(spec.get("hang_s", 0)) or not _is_count(spec.get("repeat", 1)):
+        raise ValueError(f"fault {spec!r}: hang_s must be >= 0 and repeat >= 1")
     return spec
 
 
 def _fault_list(value: Any) -> list[dict[str, Any]]:
     if not isinstance(value, list):
         raise ValueError("must be a list of fault specs")
-    return [_fault(spec) for spec in value for _ in range(_positive_int(spec.get("repeat", 1)))]
+    return [fault for spec in value for fault in [_fault(spec)] * spec.get("repeat", 1)]
 
 
 def _fault_kinds(value: Any) -> list[dict[str, Any]]:
@@ -488,26 +494,30 @@ def _fault_kinds(value: Any) -> list[dict[str, Any]]:
     if not isinstance(value, list) or not value:
         raise ValueError("must be a non-empty list of fault names")
     kinds = []
-    for name in map(_string, value):
-        if name.startswith("status") and name[6:].isdigit():
+    for name in value:
+        if isinstance(name, str) and name.startswith("status") and name[6:].isdigit():
             kinds.append(_fault({"kind": "status", "status": int(name[6:])}))
         else:
             kinds.append(_fault({"kind": name}))
     return kinds
 
 
-_CONTROL_FIELDS: dict[str, Any] = {
-    "latency_ms": _non_negative,
-    "latency_jitter_ms": _non_negative,
+_CONTROL_FIELDS: dict[str, _Check] = {
+    "latency_ms": _checked(_is_number, "a number >= 0"),
+    "latency_jitter_ms": _checked(_is_number, "a number >= 0"),
     "fail_next": _fault_list,
-    "fail_rate": _fraction,
+    "fail_rate": _checked(lambda v: _is_number(v) and v <= 1, "a number from 0 to 1"),
     "fail_kinds": _fault_kinds,
-    "seed": _optional(lambda v: v if type(v) is int else _string(v)),
-    "rpm": _optional(_positive_int),
-    "tpm": _optional(_positive_int),
-    "api_key": _optional(_string),
-    "models": _optional(_models),
-    "max_tokens_per_input": _positive_int,
+    "seed": _checked(lambda v: type(v) in (int, str), "an integer or a string", nullable=True),
+    "rpm": _checked(_is_count, "an integer >= 1", nullable=True),
+    "tpm": _checked(_is_count, "an integer >= 1", nullable=True),
+    "api_key": _checked(lambda v: isinstance(v, str), "a string", nullable=True),
+    "models": _checked(
+        lambda v: isinstance(v, list) and all(isinstance(m, str) for m in v),
+        "a list of strings",
+        nullable=True,
+    ),
+    "max_tokens_per_input": _checked(_is_count, "an integer >= 1"),
 }
 
 
@@ -556,7 +566,9 @@ def main(argv: list[str] | None = None) -> None:
         parser.error(f"--default-dimensions must be from 1 to {MAX_DIMENSIONS}")
     if args.latency_ms < 0:
         parser.error("--latency-ms must be >= 0")
-    settings = FakeSettings(args.api_key, args.default_dimensions, None, args.latency_ms)
+    settings = FakeSettings(
+        api_key=args.api_key, default_dimensions=args.default_dimensions, latency_ms=args.latency_ms
+    )
     try:
         import uvloop
 
@@ -584,12 +596,9 @@ class FakeEmbedderProcess:
         host: str = "127.0.0.1",
         start_timeout_s: float = 20.0,
     ) -> None:
-        self.api_key, self.default_dimensions, self.latency_ms = (
-            api_key,
-            default_dimensions,
-            latency_ms,
-        )
-        self.env, self.host, self.start_timeout_s = env or {}, host, start_timeout_s
+        self.api_key, self.default_dimensions = api_key, default_dimensions
+        self.latency_ms, self.env = latency_ms, env or {}
+        self.host, self.start_timeout_s = host, start_timeout_s
         self.root_url = ""
         self._process: subprocess.Popen[bytes] | None = None
         self._stderr: Any = None
@@ -607,9 +616,9 @@ class FakeEmbedderProcess:
         return self._process.pid
 
     def start(self) -> FakeEmbedderProcess:
-        command = [sys.executable, "-m", "syncer.fake_embedder", "--host", self.host,
-                   "--port", "0", "--default-dimensions", str(self.default_dimensions),
-                   "--latency-ms", str(self.latency_ms)]  # fmt: skip
+        options = f"--host {self.host} --port 0 --default-dimensions {self.default_dimensions}"
+        command = [sys.executable, "-m", "syncer.fake_embedder", *options.split()]
+        command += ["--latency-ms", str(self.latency_ms)]
         if self.api_key is not None:
             command += ["--api-key", self.api_key]
         # A file, not a pipe, so a chatty server can never block on a full stderr pipe.
@@ -619,8 +628,9 @@ class FakeEmbedderProcess:
         )
         line = self._first_line(time.monotonic() + self.start_timeout_s)
         if not line.startswith("LISTENING "):
+            errors = self._errors()
             self.stop()
-            raise FakeEmbedderError(f"fake embedder did not start: {line!r}\n{self._errors()}")
+            raise FakeEmbedderError(f"fake embedder did not start: {line!r}\n{errors}")
         self.root_url = line.removeprefix("LISTENING ")
         return self
 
@@ -666,9 +676,11 @@ class FakeEmbedderProcess:
         return self.start() if self._process is None else self
 
     def __exit__(
-        self, exc_type: type[BaseException] | None, exc: BaseException | None,
+        self,
+        exc_type: type[BaseException] | None,
+        exc: BaseException | None,
         tb: TracebackType | None,
-    ) -> None:  # fmt: skip
+    ) -> None:
         self.stop()
 
     def _call(self, method: str, path: str, body: dict[str, Any] | None = None) -> Any:
@@ -682,19 +694,17 @@ class FakeEmbedderProcess:
             raise FakeEmbedderError(f"{method} {path}: {error.code} {error.read()!r}") from None
 
     def control(self, **fields: Any) -> dict[str, Any]:
-        result: dict[str, Any] = self._call("POST", "/_control", fields)
-        return result
+        """Merge `fields` into the server's knobs; returns them all."""
+        return cast(dict[str, Any], self._call("POST", "/_control", fields))
 
     def reset(self) -> None:
         self._call("POST", "/_reset")
 
     def requests(self) -> list[dict[str, Any]]:
-        result: list[dict[str, Any]] = self._call("GET", "/_requests")
-        return result
+        return cast(list[dict[str, Any]], self._call("GET", "/_requests"))
 
     def stats(self) -> dict[str, Any]:
-        result: dict[str, Any] = self._call("GET", "/_stats")
-        return result
+        return cast(dict[str, Any], self._call("GET", "/_stats"))
 
     def inputs(self) -> list[str]:
         """Inputs of the requests that got a correct answer, in arrival order."""
