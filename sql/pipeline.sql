@@ -138,4 +138,4 @@ WITH page AS (
 )
 SELECT (SELECT count(*) FROM enqueued),
        (SELECT count(*) FROM page),
-       (SELECT {key_json_p} FROM page p ORDER BY {key_cols_p} DESC LIMIT 1)::text;
+       (SELECT {key_json_p} FROM page p ORDER BY {key_cols_p_desc} LIMIT 1)::text;

@@ -96,7 +96,7 @@ def render(p: PipelineConfig, key_columns: tuple[Column, ...]) -> PipelineSQL:
         "key_cols": ", ".join(_ident(k) for k in keys),
         "key_cols_i": cols("i"),
         "key_cols_s": cols("s"),
-        "key_cols_p": cols("p"),
+        "key_cols_p_desc": ", ".join(f"p.{_ident(k)} DESC" for k in keys),
         "column": _ident(p.column),
         "hash_column": _ident(p.hash_column),
         "vector_type": p.vector_type,
