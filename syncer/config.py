@@ -72,7 +72,7 @@ class WorkerConfig(_Model):
     retry_base_s: float = Field(default=1.0, gt=0)
     retry_max_s: float = Field(default=300.0, gt=0)
     shutdown_timeout_s: float = Field(default=30.0, gt=0)
-    in_flight_batches: int = Field(default=2, ge=1, le=64)
+    in_flight_batches: int = Field(default=4, ge=1, le=64)
 
 
 class PipelineConfig(_Model):

@@ -7,7 +7,6 @@ what a failure means for a queue item.
 from __future__ import annotations
 
 import asyncio
-import base64
 import binascii
 import email.utils
 import random
@@ -196,7 +195,8 @@ def decode_embeddings(provider: str, data: list[Any], n: int, dim: int) -> Vecto
 def _vector(provider: str, emb: Any) -> np.ndarray[Any, np.dtype[np.float32]]:
     if isinstance(emb, str):
         try:
-            buf = base64.b64decode(emb, validate=True)
+            # strict_mode rejects non-alphabet bytes in C: much cheaper than validate=True
+            buf = binascii.a2b_base64(emb, strict_mode=True)
         except (binascii.Error, ValueError):
             raise RetryableError(f"provider {provider}: embedding is not valid base64") from None
         if len(buf) % 4:

@@ -33,7 +33,8 @@ from syncer.write import VectorStore, WriteBatch
 
 log = logging.getLogger("syncer.worker")
 
-MAX_WRITE_ROWS = 1024
+MAX_WRITE_ROWS = 256
+WRITERS = 2
 PROVIDER_PAUSE_S = 30.0
 
 
@@ -113,7 +114,11 @@ class PipelineRunner:
             asyncio.create_task(self._embed_loop(), name=f"{self.p.name}-embed-{i}")
             for i in range(self.n_embedders)
         ]
-        tasks.append(asyncio.create_task(self._write_loop(), name=f"{self.p.name}-write"))
+        # Two writers: one transaction commits while the next batch is being sent.
+        tasks += [
+            asyncio.create_task(self._write_loop(), name=f"{self.p.name}-write-{i}")
+            for i in range(WRITERS)
+        ]
         tasks.append(asyncio.create_task(self._heartbeat(), name=f"{self.p.name}-heartbeat"))
         claimer = asyncio.create_task(
             self._claim_loop(stop, exit_when_idle), name=f"{self.p.name}-claim"

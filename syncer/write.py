@@ -17,6 +17,8 @@ from pgvector import HalfVector, Vector
 from syncer.queue import Queue
 from syncer.schema import PipelineSQL
 
+WRITE_ATTEMPTS = 5
+
 
 @dataclass(frozen=True)
 class SourceRow:
@@ -67,7 +69,20 @@ class VectorStore:
         return [SourceRow(r[0], r[1], r[2], r[3], r[4]) for r in rows]
 
     async def write(self, batch: WriteBatch) -> int:
-        """Returns how many vectors were written (rows whose text changed meanwhile are not)."""
+        """Returns how many vectors were written (rows whose text changed meanwhile are not).
+
+        Two writers may lock the same rows in different orders (a key queued twice lands in
+        two batches); Postgres then aborts one of them, which simply runs again.
+        """
+        for attempt in range(WRITE_ATTEMPTS):
+            try:
+                return await self._write_once(batch)
+            except (asyncpg.DeadlockDetectedError, asyncpg.SerializationError):
+                if attempt == WRITE_ATTEMPTS - 1:
+                    raise
+        raise AssertionError("unreachable")
+
+    async def _write_once(self, batch: WriteBatch) -> int:
         async with self.pool.acquire() as conn, conn.transaction():
             # Losing this commit in a server crash only means the items run again.
             await conn.execute(
