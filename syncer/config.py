@@ -69,6 +69,7 @@ class WorkerConfig(_Model):
     lease_s: float = Field(default=60.0, ge=1)
     max_attempts: int = Field(default=5, ge=1)
     max_retries: int = Field(default=4, ge=0)  # in-process retries of one request
+    item_deadline_s: float = Field(default=120.0, gt=0)  # for one batch, across its retries
     retry_base_s: float = Field(default=1.0, gt=0)
     retry_max_s: float = Field(default=300.0, gt=0)
     shutdown_timeout_s: float = Field(default=30.0, gt=0)

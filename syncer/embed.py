@@ -9,6 +9,7 @@ from __future__ import annotations
 import asyncio
 import binascii
 import email.utils
+import logging
 import random
 import re
 import time
@@ -21,7 +22,16 @@ import numpy as np
 import orjson
 
 from syncer.config import ProviderConfig
-from syncer.errors import InputError, ProviderError, RateLimitedError, RetryableError
+from syncer.errors import (
+    CircuitOpenError,
+    InputError,
+    ProviderError,
+    RateLimitedError,
+    RetryableError,
+)
+from syncer.limits import CircuitBreaker, ProviderLimiter
+
+log = logging.getLogger("syncer.embed")
 
 Vectors = np.ndarray[Any, np.dtype[np.float32]]
 
@@ -32,10 +42,16 @@ class EmbedRequest:
     model: str
     dimensions: int
     send_dimensions: bool = True
+    tokens: int = 0  # estimated, for the TPM limit
 
 
 class Embedder(Protocol):
     async def embed(self, req: EmbedRequest) -> Vectors: ...
+
+    def ready_in_s(self) -> float: ...
+
+    @property
+    def refused_error(self) -> str | None: ...
 
     async def close(self) -> None: ...
 
@@ -67,11 +83,15 @@ class OpenAIEmbedder:
         self.cfg = cfg
         self._api_key = api_key
         self._url = f"{cfg.base_url}/embeddings"
-        self._sem = asyncio.Semaphore(cfg.max_concurrency)
+        # Shared by every pipeline of this provider in this process.
+        self.limiter = ProviderLimiter(name, cfg.max_concurrency, cfg.rpm, cfg.tpm)
+        self.breaker = CircuitBreaker(name, cfg.breaker_failures, cfg.breaker_reset_s)
         self._session: aiohttp.ClientSession | None = None
         self._base64 = True
-        # A 429 pauses every sender to this provider until then (monotonic seconds).
-        self.paused_until = 0.0
+        # A provider that refuses every request (bad key, unknown model) pauses all of its
+        # pipelines until then; the error says why.
+        self.refused_until = 0.0
+        self.refused_error: str | None = None
 
     def _client(self) -> aiohttp.ClientSession:
         if self._session is None:
@@ -94,18 +114,58 @@ class OpenAIEmbedder:
             text = text.replace(self._api_key, "***")
         return text[:500]
 
+    def ready_in_s(self) -> float:
+        """Seconds until this provider takes requests again (breaker open, 429 pause)."""
+        now = time.monotonic()
+        wait_s = max(self.limiter.paused_until, self.refused_until) - now
+        if self.breaker.state == "open":
+            wait_s = max(wait_s, self.breaker.probe_at - now)
+        return max(0.0, wait_s)
+
     async def embed(self, req: EmbedRequest) -> Vectors:
-        wait_s = self.paused_until - time.monotonic()
-        if wait_s > 0:
-            await asyncio.sleep(wait_s)
-        async with self._sem:
+        if not self.breaker.allow():
+            wait_s = max(0.05, self.breaker.probe_at - time.monotonic())
+            raise CircuitOpenError(f"provider {self.name}: circuit open", wait_s)
+        async with self.limiter.slot(req.tokens):
             try:
-                return await self._post(req)
-            except InputError as err:
-                if self._base64 and "encoding_format" in str(err):
-                    self._base64 = False  # a provider without base64 support: use floats
-                    return await self._post(req)
+                vectors = await self._post_with_fallback(req)
+            except RateLimitedError as err:
+                self.limiter.on_rate_limited(err.retry_after_s)
                 raise
+            except RetryableError:
+                self.breaker.record_failure()
+                raise
+            except ProviderError as err:
+                self._refuse(err)
+                raise
+            except InputError:
+                self.breaker.record_success()  # the provider is up; the input is bad
+                raise
+            self.limiter.on_success()
+            self.breaker.record_success()
+            return vectors
+
+    def _refuse(self, err: ProviderError) -> None:
+        if self.refused_until < time.monotonic():
+            log.error(
+                "provider refuses requests; its pipelines pause",
+                extra={
+                    "provider": self.name,
+                    "error": str(err),
+                    "pause_s": self.cfg.breaker_reset_s,
+                },
+            )
+        self.refused_until = time.monotonic() + self.cfg.breaker_reset_s
+        self.refused_error = str(err)
+
+    async def _post_with_fallback(self, req: EmbedRequest) -> Vectors:
+        try:
+            return await self._post(req)
+        except InputError as err:
+            if self._base64 and "encoding_format" in str(err):
+                self._base64 = False  # a provider without base64 support: use floats
+                return await self._post(req)
+            raise
 
     async def _post(self, req: EmbedRequest) -> Vectors:
         body: dict[str, Any] = {"model": req.model, "input": list(req.texts)}
@@ -126,6 +186,7 @@ class OpenAIEmbedder:
             raise RetryableError(
                 f"provider {self.name}: {type(err).__name__}: {self._scrub(str(err))}"
             ) from None
+        self.limiter.on_headers(headers)
         if status != 200:
             raise self._status_error(status, raw, headers.get("Retry-After"))
         return self._decode(raw, req)
@@ -134,10 +195,7 @@ class OpenAIEmbedder:
         message = self._error_message(raw)
         what = f"provider {self.name}: HTTP {status}: {message}"
         if status == 429:
-            delay = parse_retry_after(retry_after)
-            if delay:
-                self.paused_until = max(self.paused_until, time.monotonic() + delay)
-            return RateLimitedError(what, delay)
+            return RateLimitedError(what, parse_retry_after(retry_after))
         if status >= 500 or status in (408, 409):
             return RetryableError(what, parse_retry_after(retry_after))
         if status in (400, 413, 422):

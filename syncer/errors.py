@@ -23,6 +23,18 @@ class RateLimitedError(RetryableError):
     error_class = "rate_limited"
 
 
+class InputTooLongError(SyncerError):
+    """A text over the model's input limit, with on_too_long = "dead_letter"."""
+
+    error_class = "input_too_long"
+
+
+class CircuitOpenError(RetryableError):
+    """Not sent: the provider failed too often in a row; a probe follows the cool-down."""
+
+    error_class = "circuit_open"
+
+
 class InputError(SyncerError):
     """One input can never be embedded as it is (the provider rejected it)."""
 

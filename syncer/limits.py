@@ -1,19 +1,15 @@
 """Provider limits: token estimates, request packing, rate limiting and a circuit breaker.
 
 Touches neither the database nor HTTP. One ProviderLimiter and one CircuitBreaker per
-provider, shared by every pipeline using it within one process: the embedder takes a
-`slot()` before each request and reports back what the provider answered.
+provider, shared by every pipeline using it in the process: the embedder takes a `slot()`
+before each request and reports back what the provider answered.
 
-Why not aiolimiter: its leaky bucket of capacity = rate lets up to twice the rate start
-in one sliding minute (a full burst, then the refill); its rate is fixed at construction
-(no AIMD); `acquire()` refuses amounts above the capacity; and its waiters are served
-smallest amount first, so a large request can starve behind small ones. A sliding log of
-the last minute's starts is exact, takes a changing limit and serves waiters in order.
-
-Why not aiobreaker: its half-open state lets every call through (not one probe), it runs
-on the wall clock (`datetime.utcnow`, so clock steps open or close it), and its API wraps
-a call and raises, where we classify outcomes ourselves. Our ~50-line state machine uses
-the monotonic clock; aiobreaker is no longer needed.
+Not aiolimiter: its bucket (capacity = rate) lets twice the rate start within one sliding
+minute, its rate is fixed at construction (no AIMD), it refuses amounts above capacity,
+and it serves the smallest waiting amount first (large requests starve). A sliding log of
+the last minute is exact, follows a changing limit, and we serve waiters in order.
+Not aiobreaker: half-open lets every call through rather than one probe, it runs on the
+wall clock (`datetime.utcnow`), and it wraps calls where we classify outcomes ourselves.
 """
 
 from __future__ import annotations
@@ -64,15 +60,15 @@ def estimate_tokens(text: str) -> int:
     """An offline estimate of cl100k/o200k tokens that errs high.
 
     Cost by character: UTF-8 bytes / 3 below U+0800 (ASCII, Latin, Greek, Cyrillic, Arabic,
-    Hebrew); 1.5 for a CJK, kana or hangul character; one per UTF-8 byte for any other
-    character at or above U+0800 (Indic and South-East Asian scripts, emoji, symbols),
-    which is the byte-level BPE's hard upper bound. The result is at least the number of
-    words, 3-digit groups, punctuation pairs and line breaks.
+    Hebrew); 1.5 in U+3000..U+D7FF (CJK, kana, hangul); one per UTF-8 byte for any other
+    character (Indic and South-East Asian scripts, emoji, symbols), which is a byte-level
+    BPE's hard upper bound. The result is at least the number of words, 3-digit groups,
+    punctuation pairs and line breaks, which covers "a b c" and one word per line.
 
-    How far off: English prose (~4 chars/token) comes out 25-40 % high; Cyrillic 30-60 %
-    high; Chinese about 15-50 % high on cl100k (about 2x on o200k); Hindi, Thai, emoji up to
-    3x high. Rare CJK characters that cl100k splits into bytes (up to 3 tokens) are the
-    only known under-estimate, up to 2x for those characters alone.
+    How far off (real / estimate): English prose (~4 chars a token) 0.7-0.8; Cyrillic or
+    Greek ~0.6; Chinese, Japanese, Korean 0.5-0.9 on cl100k, less on o200k; Indic, Thai,
+    emoji 0.3-1. Known under-estimates, up to 2x but only for those characters: rare CJK
+    characters that cl100k splits into bytes, and runs of unusual ASCII symbols.
     """
     if not text:
         return 0
@@ -83,7 +79,7 @@ def estimate_tokens(text: str) -> int:
 def _byte_cost(text: str) -> float:
     if text.isascii():
         return len(text) / 3
-    raw = text.encode("utf-8")
+    raw = text.encode("utf-8", "surrogatepass")  # never raise on a stray surrogate
     # Counting UTF-8 lead bytes is ~20x faster than a regex over the characters.
     n3 = len(raw.translate(None, _ALL_BUT_3_BYTE_LEADS))
     n4 = len(raw.translate(None, _ALL_BUT_4_BYTE_LEADS))
@@ -120,13 +116,9 @@ def truncate_to_tokens(text: str, max_tokens: int) -> str:
         else:
             hi = mid - 1
     # Prefer not to cut a word in half, unless that throws away a long stretch.
-    tail = text[max(0, lo - 200) : lo + 1]
-    spaces = [m.start() for m in _SPACE.finditer(tail)]
-    if spaces:
-        cut = max(0, lo - 200) + spaces[-1]
-        if cut > 0:
-            return text[:cut].rstrip()
-    return text[:lo]
+    spaces = [m.start() for m in _SPACE.finditer(text, max(1, lo - 200), lo + 1)]
+    kept = text[: spaces[-1]].rstrip() if spaces else ""
+    return kept or text[:lo]
 
 
 def pack_requests(token_counts: Sequence[int], max_inputs: int, max_tokens: int) -> list[list[int]]:
@@ -152,8 +144,7 @@ def pack_requests(token_counts: Sequence[int], max_inputs: int, max_tokens: int)
 
 
 _DURATION_PART = re.compile(r"(\d+(?:\.\d*)?|\.\d+)(ns|us|µs|μs|ms|s|m|h)")
-_UNIT_S = {"ns": 1e-9, "us": 1e-6, "µs": 1e-6, "μs": 1e-6, "ms": 1e-3, "s": 1.0, "m": 60.0}
-_UNIT_S["h"] = 3600.0
+_UNIT_S = {"ns": 1e-9, "us": 1e-6, "µs": 1e-6, "μs": 1e-6, "ms": 1e-3, "s": 1, "m": 60, "h": 3600}
 
 
 def parse_duration(value: str) -> float | None:
@@ -291,10 +282,9 @@ class ProviderLimiter:
                 if wait_s == 0.0:
                     self._admit(tokens)
                     return
+                timeout_s = None if wait_s is None else max(wait_s, _MIN_WAIT_S)
                 with contextlib.suppress(TimeoutError):
-                    async with asyncio.timeout(
-                        None if wait_s is None else max(wait_s, _MIN_WAIT_S)
-                    ):
+                    async with asyncio.timeout(timeout_s):
                         await self._changed.wait()
 
     def _wait_s(self, tokens: int) -> float | None:
@@ -326,10 +316,7 @@ class ProviderLimiter:
         """A 429: pause every sender, and halve the effective limits once per episode."""
         now = self._clock()
         self.rate_limited += 1
-        if retry_after_s is not None:
-            pause_s = min(max(0.0, retry_after_s), MAX_RETRY_AFTER_S)
-        else:
-            pause_s = 0.0
+        pause_s = min(max(0.0, retry_after_s or 0.0), MAX_RETRY_AFTER_S)
         if now >= self._cut_until:  # not an answer to a request sent before the last cut
             self._strikes += 1
             self._factor = max(MIN_FACTOR, self._factor * 0.5)
@@ -368,11 +355,10 @@ class ProviderLimiter:
 
 
 def _number(value: str | None) -> float | None:
-    try:
-        n = float(value) if value is not None else None
-    except ValueError:
-        return None
-    return n if n is not None and math.isfinite(n) and n >= 0 else None
+    with contextlib.suppress(ValueError):
+        n = float(value or "")
+        return n if math.isfinite(n) and n >= 0 else None
+    return None
 
 
 # --- circuit breaker ----------------------------------------------------------------------
@@ -406,6 +392,11 @@ class CircuitBreaker:
     def state(self) -> BreakerState:
         return self._state
 
+    @property
+    def probe_at(self) -> float:
+        """Clock time from which allow() lets a probe through; 0.0 while closed."""
+        return 0.0 if self._state == "closed" else self._since + self.reset_timeout_s
+
     def allow(self) -> bool:
         if self._state == "closed":
             return True
@@ -431,12 +422,8 @@ class CircuitBreaker:
 
     def _set(self, state: BreakerState) -> None:
         level = logging.WARNING if state == "open" else logging.INFO
+        extra = {"provider": self.name, "failures": self.failures}
         breaker_log.log(
-            level,
-            "circuit breaker %s: %s -> %s",
-            self.name,
-            self._state,
-            state,
-            extra={"provider": self.name, "failures": self.failures},
+            level, "circuit breaker %s: %s -> %s", self.name, self._state, state, extra=extra
         )
         self._state = state

@@ -22,20 +22,28 @@ from typing import Any
 import asyncpg
 
 from syncer.capture import Listener, _wait_any
-from syncer.config import Config, PipelineConfig, WorkerConfig
+from syncer.config import Config, PipelineConfig, ProviderConfig, WorkerConfig
 from syncer.db import connect_kwargs
 from syncer.embed import Embedder, EmbedRequest, Vectors, backoff_s
-from syncer.errors import InputError, ProviderError, RetryableError
+from syncer.errors import (
+    CircuitOpenError,
+    InputError,
+    ProviderError,
+    RateLimitedError,
+    RetryableError,
+)
+from syncer.limits import estimate_tokens, pack_requests, truncate_to_tokens
 from syncer.observe import Events
 from syncer.queue import Failure, Item, Queue
 from syncer.schema import PipelineSQL
-from syncer.write import VectorStore, WriteBatch
+from syncer.write import SourceRow, VectorStore, WriteBatch
 
 log = logging.getLogger("syncer.worker")
 
 MAX_WRITE_ROWS = 256
 WRITERS = 2
-PROVIDER_PAUSE_S = 30.0
+# Errors no retry can fix: straight to the dead-letter table.
+FINAL_CLASSES = frozenset({"invalid_input", "input_too_long"})
 
 
 @dataclass(frozen=True)
@@ -45,6 +53,7 @@ class EmbedJob:
     hashes: list[bytes]
     ids: list[list[int]]  # the queue items behind each key (a key may repeat in a claim)
     attempts: int  # the most attempts among the items, counted at claim
+    tokens: int  # estimated
 
     def part(self, idx: Sequence[int]) -> EmbedJob:
         pick = list(idx)
@@ -54,6 +63,7 @@ class EmbedJob:
             [self.hashes[i] for i in pick],
             [self.ids[i] for i in pick],
             self.attempts,
+            sum(estimate_tokens(self.texts[i]) for i in pick),
         )
 
     def all_ids(self) -> list[int]:
@@ -73,7 +83,7 @@ class PipelineRunner:
         store: VectorStore,
         embedder: Embedder,
         provider_name: str,
-        max_concurrency: int,
+        provider: ProviderConfig,
         events: Events,
         wakeup: asyncio.Event,
     ) -> None:
@@ -85,14 +95,15 @@ class PipelineRunner:
         self.provider = provider_name
         self.events = events
         self.wakeup = wakeup
+        self.pcfg = provider
+        max_concurrency = provider.max_concurrency
         self.n_embedders = max_concurrency
-        self.capacity = max_concurrency * p.batch_size * wcfg.in_flight_batches
+        self.request_inputs = min(p.batch_size, provider.max_inputs_per_request)
+        self.capacity = max_concurrency * self.request_inputs * wcfg.in_flight_batches
         self.in_flight: set[int] = set()
         self.slot_freed = asyncio.Event()
         self.embed_q: asyncio.Queue[EmbedJob] = asyncio.Queue(maxsize=max_concurrency * 2)
         self.write_q: asyncio.Queue[WriteBatch] = asyncio.Queue(maxsize=max_concurrency * 4)
-        self.paused_until = 0.0
-        self.paused_error: str | None = None
 
     # --- bookkeeping --------------------------------------------------------------------
 
@@ -145,13 +156,15 @@ class PipelineRunner:
 
     async def _claim_loop(self, stop: asyncio.Event, exit_when_idle: bool) -> None:
         while not stop.is_set():
-            if self.paused_until > time.monotonic():
-                if exit_when_idle:
-                    raise ProviderPaused(self.paused_error or "provider paused")
-                await _wait_any(stop, self.paused_until - time.monotonic())
+            wait_s = self.embedder.ready_in_s()
+            if wait_s > 0:
+                # Open breaker, 429 pause or a refusing provider: claim nothing meanwhile.
+                if exit_when_idle and self.embedder.refused_error:
+                    raise ProviderPaused(self.embedder.refused_error)
+                await _wait_any(stop, wait_s)
                 continue
             free = self.capacity - len(self.in_flight)
-            if free < min(self.p.batch_size, self.capacity) and self.in_flight:
+            if free < min(self.request_inputs, self.capacity) and self.in_flight:
                 self.slot_freed.clear()
                 await _wait_first_or(stop, self.slot_freed)
                 continue
@@ -204,15 +217,41 @@ class PipelineRunner:
                 todo.append(idx)
         if len(now):
             await self.write_q.put(now)
-        size = self.p.batch_size
-        for start in range(0, len(todo), size):
-            chunk = [rows[i] for i in todo[start : start + size]]
+        await self._enqueue_embeds([rows[i] for i in todo], ids_by_key, attempts)
+
+    async def _enqueue_embeds(
+        self, rows: list[SourceRow], ids_by_key: dict[str, list[int]], attempts: int
+    ) -> None:
+        """Cut or refuse texts over the model's limit; pack requests by count and tokens."""
+        texts: list[str] = []
+        kept: list[SourceRow] = []
+        too_long: list[Failure] = []
+        limit = self.pcfg.max_tokens_per_input
+        for row in rows:
+            text = row.text or ""
+            if estimate_tokens(text) > limit:
+                if self.p.on_too_long == "dead_letter":
+                    msg = f"text estimated over {limit} tokens (on_too_long = dead_letter)"
+                    too_long += [Failure(i, "input_too_long", msg) for i in ids_by_key[row.key]]
+                    continue
+                text = truncate_to_tokens(text, limit)
+                log.info(
+                    "text truncated",
+                    extra={"pipeline": self.p.name, "key": row.key, "max_tokens": limit},
+                )
+            texts.append(text)
+            kept.append(row)
+        if too_long:
+            await self._fail(too_long, attempts)
+        tokens = [estimate_tokens(t) for t in texts]
+        for request in pack_requests(tokens, self.request_inputs, self.pcfg.max_tokens_per_request):
             job = EmbedJob(
-                [r.key for r in chunk],
-                [r.text or "" for r in chunk],
-                [r.hash or b"" for r in chunk],
-                [ids_by_key[r.key] for r in chunk],
+                [kept[i].key for i in request],
+                [texts[i] for i in request],
+                [kept[i].hash or b"" for i in request],
+                [ids_by_key[kept[i].key] for i in request],
                 attempts,
+                sum(tokens[i] for i in request),
             )
             await self.embed_q.put(job)
 
@@ -245,10 +284,10 @@ class PipelineRunner:
             ]
             return
         except ProviderError as err:
-            self._pause(err)
+            # Not the items' fault: back to the queue without spending an attempt.
+            delay_s = self.pcfg.breaker_reset_s
             failures += [
-                Failure(i, "provider_paused", str(err), PROVIDER_PAUSE_S, counts=False)
-                for i in job.all_ids()
+                Failure(i, "provider", str(err), delay_s, counts=False) for i in job.all_ids()
             ]
             return
         for i, key in enumerate(job.keys):
@@ -274,7 +313,11 @@ class PipelineRunner:
         await self._embed_job(job.part(range(half, n)), batch, failures)
 
     async def _embed_with_retries(self, job: EmbedJob) -> Vectors:
-        req = EmbedRequest(job.texts, self.p.model, self.p.dimensions, self.p.send_dimensions)
+        """In-process retries under a per-batch deadline; the error class picks the delay."""
+        req = EmbedRequest(
+            job.texts, self.p.model, self.p.dimensions, self.p.send_dimensions, job.tokens
+        )
+        deadline = time.monotonic() + self.wcfg.item_deadline_s
         attempt = 0
         while True:
             attempt += 1
@@ -282,44 +325,38 @@ class PipelineRunner:
             try:
                 vectors = await self.embedder.embed(req)
             except (RetryableError, InputError, ProviderError) as err:
-                self.events.api_request(
-                    self.provider,
-                    self.p.name,
-                    len(job.texts),
-                    time.perf_counter() - started,
-                    err.error_class,
-                )
+                if not isinstance(err, CircuitOpenError):
+                    elapsed = time.perf_counter() - started
+                    self.events.api_request(
+                        self.provider, self.p.name, len(job.texts), elapsed, err.error_class
+                    )
                 if not isinstance(err, RetryableError) or attempt > self.wcfg.max_retries:
                     raise
-                await asyncio.sleep(
-                    backoff_s(attempt, self.wcfg.retry_base_s, self.wcfg.retry_max_s, err)
-                )
+                delay_s = self._retry_delay_s(attempt, err)
+                if time.monotonic() + delay_s > deadline:
+                    raise
+                await asyncio.sleep(delay_s)
                 continue
             self.events.api_request(
                 self.provider, self.p.name, len(job.texts), time.perf_counter() - started, "ok"
             )
             return vectors
 
-    def _pause(self, err: ProviderError) -> None:
-        if self.paused_until < time.monotonic():
-            log.error(
-                "provider refuses requests; pipeline paused",
-                extra={
-                    "pipeline": self.p.name,
-                    "provider": self.provider,
-                    "error": str(err),
-                    "pause_s": PROVIDER_PAUSE_S,
-                },
-            )
-        self.paused_until = time.monotonic() + PROVIDER_PAUSE_S
-        self.paused_error = str(err)
+    def _retry_delay_s(self, attempt: int, err: RetryableError) -> float:
+        if isinstance(err, RateLimitedError):
+            # The provider's limiter already holds every sender until Retry-After; only
+            # spread the retries so they do not arrive together.
+            return random.uniform(0, 0.1)
+        if isinstance(err, CircuitOpenError):
+            return err.retry_after_s or self.pcfg.breaker_reset_s
+        return backoff_s(attempt, self.wcfg.retry_base_s, self.wcfg.retry_max_s, err)
 
     async def _fail(self, failures: list[Failure], attempts: int) -> None:
         """Past the attempt budget (or never retryable): dead letters; else back to the queue."""
         final = [
             f
             for f in failures
-            if f.error_class == "invalid_input" or (attempts >= self.wcfg.max_attempts and f.counts)
+            if f.error_class in FINAL_CLASSES or (attempts >= self.wcfg.max_attempts and f.counts)
         ]
         final_ids = {f.id for f in final}
         later = [f for f in failures if f.id not in final_ids]
@@ -398,7 +435,7 @@ class Worker:
                 VectorStore(pool, rendered[p.name], p.target, p.vector_type),
                 embedders[p.provider],
                 p.provider,
-                cfg.providers[p.provider].max_concurrency,
+                cfg.providers[p.provider],
                 events,
                 self.wakeups[p.name],
             )

@@ -8,6 +8,7 @@ import numpy as np
 import psycopg
 
 from syncer.fake_embedder import FakeEmbedderProcess, fake_vector
+from syncer.limits import truncate_to_tokens
 from tests.conftest import DEFAULT_PIPELINE, syncer
 
 DIM = 8
@@ -99,12 +100,29 @@ def test_unicode_quotes_and_large_text(db: psycopg.Connection[Any], make_config:
     config = make_config()
     big = "παράδειγμα 例子 \"quoted\" 'single' \\ back\\slash; DROP TABLE docs; -- " * 1400
     assert len(big.encode()) > 100_000
-    rows = [(1, "emoji 🚀🔥", "naïve café — “curly”"), (2, "it's", 'say "hi"'), (3, "big", big), (4, "nul-free\ttab", "\n\nnewlines\n")]
+    rows = [(1, "emoji 🚀🔥", "naïve café — “curly”"), (2, "it's", 'say "hi"'), (3, "big", big), (4, "tab\there", "\n\nnewlines\n")]
     with db.cursor() as cur:
         cur.executemany("INSERT INTO docs (id, title, body) VALUES (%s, %s, %s)", rows)
     install_and_drain(config)
-    assert assert_synced(db) == 4
-    assert sorted(fake.inputs()) == sorted(composed(t, b) for _, t, b in rows)
+    assert assert_synced(db, "SELECT title, body, embedding FROM docs WHERE id <> 3") == 3
+    # Over the model's 8,191-token input limit: cut to fit (the default), not failed.
+    sent = truncate_to_tokens(composed("big", big) or "", 8191)
+    assert 10_000 < len(sent) < len(big)
+    assert sorted(fake.inputs()) == sorted([*(composed(t, b) for i, t, b in rows if i != 3), sent])
+    emb = db.execute("SELECT embedding FROM docs WHERE id = 3").fetchone()[0]
+    np.testing.assert_allclose(np.asarray(emb.to_list()), fake_vector(sent, DIM), rtol=1e-6)
+    # The stored hash is the full text's, so the row is not re-queued as stale.
+    r = syncer(config, "backfill")
+    assert "0 rows queued" in r.stdout
+
+
+def test_too_long_text_can_be_dead_lettered(db: psycopg.Connection[Any], make_config: Any, fake: FakeEmbedderProcess) -> None:
+    create_docs(db)
+    config = make_config({**DEFAULT_PIPELINE, "on_too_long": "dead_letter"})
+    db.execute("INSERT INTO docs VALUES (1, 'short', NULL, NULL), (2, repeat('long text ', 20000), NULL, NULL)")
+    install_and_drain(config)
+    assert fake.inputs() == ["short"]
+    assert db.execute("SELECT key->>'id', error_class, attempts FROM syncer.dead_letters").fetchall() == [("2", "input_too_long", 1)]
 
 
 def test_side_table_target_and_delete(db: psycopg.Connection[Any], make_config: Any, fake: FakeEmbedderProcess) -> None:
