@@ -100,6 +100,9 @@ class PipelineRunner:
         self.n_embedders = max_concurrency
         self.request_inputs = min(p.batch_size, provider.max_inputs_per_request)
         self.capacity = max_concurrency * self.request_inputs * wcfg.in_flight_batches
+        # While busy, claim in chunks of a quarter of the window: every claim costs a
+        # claim and a fetch round trip, and 64-row claims cannot keep 8 requests busy.
+        self.claim_min = max(self.request_inputs, self.capacity // 4)
         self.in_flight: set[int] = set()
         self.slot_freed = asyncio.Event()
         self.embed_q: asyncio.Queue[EmbedJob] = asyncio.Queue(maxsize=max_concurrency * 2)
@@ -164,7 +167,7 @@ class PipelineRunner:
                 await _wait_any(stop, wait_s)
                 continue
             free = self.capacity - len(self.in_flight)
-            if free < min(self.request_inputs, self.capacity) and self.in_flight:
+            if free < self.claim_min and self.in_flight:
                 self.slot_freed.clear()
                 await _wait_first_or(stop, self.slot_freed)
                 continue
