@@ -31,8 +31,12 @@ $syncer$;
 -- capture_update_function --
 -- Only a change of the composed text (or of the key) is work; syncer's own vector
 -- writes set syncer.writing and are skipped before the transition tables are joined.
+-- PL/pgSQL caches the join's plan from the first call: after a one-row UPDATE it would
+-- keep a nested loop, quadratic for a later bulk UPDATE. Without nested loops the cached
+-- plan is a hash join, linear at every size.
 CREATE OR REPLACE FUNCTION {capture_update_fn}() RETURNS trigger
-LANGUAGE plpgsql SECURITY DEFINER SET search_path = pg_catalog, pg_temp AS $syncer$
+LANGUAGE plpgsql SECURITY DEFINER
+SET search_path = pg_catalog, pg_temp SET enable_nestloop = off AS $syncer$
 BEGIN
     IF current_setting('syncer.writing', true) = 'on' THEN
         RETURN NULL;

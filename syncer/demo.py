@@ -152,14 +152,20 @@ class Tour:
     def stats(self) -> Stats:
         return self.events.stats[PIPELINE]
 
+    def finished(self) -> int:
+        return self.stats.embedded + self.stats.unchanged + self.stats.cleared
+
     def start_worker(self, cfg: Config) -> None:
         embedders = app.make_embedders(cfg, "<demo>")
         run = app.run(cfg, embedders, exit_when_idle=False, stop=self.stop, events=self.events)
         self.worker = asyncio.create_task(run, name="worker")
 
     async def wait_until(self, cond: Callable[[], Awaitable[bool]], what: str) -> None:
-        deadline = time.monotonic() + STEP_TIMEOUT_S
+        """Poll `cond`; give up after STEP_TIMEOUT_S without the worker finishing an item."""
+        deadline, done = time.monotonic() + STEP_TIMEOUT_S, self.finished()
         while not await cond():
+            if self.finished() != done:
+                deadline, done = time.monotonic() + STEP_TIMEOUT_S, self.finished()
             if self.stop.is_set():
                 raise Interrupted
             if self.events.error:
@@ -168,7 +174,7 @@ class Tour:
                 err = "cancelled" if self.worker.cancelled() else repr(self.worker.exception())
                 raise click.ClickException(f"the worker stopped: {err}")
             if time.monotonic() > deadline:
-                raise click.ClickException(f"timed out after {STEP_TIMEOUT_S:.0f} s: {what}")
+                raise click.ClickException(f"no progress in {STEP_TIMEOUT_S:.0f} s: {what}")
             await asyncio.sleep(POLL_S)
 
     async def pending(self) -> int:
@@ -277,8 +283,9 @@ async def tour(cfg: Config, fake: FakeEmbedderProcess | None, n: int, keep: bool
         ms = await latency_step(t, n)
         summary(t, await t.api_calls(), ms)
         if keep and t.worker is not None:
-            click.echo(f"\nthe worker keeps running; try psql '{cfg.database.url}'")
-            click.echo(f"and change rows of {PIPELINE}. Ctrl-C stops and removes everything.")
+            click.echo(f"\nthe worker keeps running; change rows with psql '{cfg.database.url}'")
+            click.echo(f"(see: SELECT id, {FRESH_SQL} AS fresh FROM {PIPELINE} a)")
+            click.echo("Ctrl-C stops everything and removes it")
             await asyncio.wait([t.worker])
     finally:
         t.stop.set()
@@ -296,9 +303,7 @@ def start_services(
     # Interrupted inside start(), the server is still stopped by pgserver's atexit hook.
     pg = embedded_pg.start(datadir)
     stack.callback(pg.stop)
-    click.echo(
-        f"started an embedded PostgreSQL with pgvector ({time.perf_counter() - started:.1f} s)"
-    )
+    click.echo(f"started PostgreSQL with pgvector ({time.perf_counter() - started:.1f} s)")
     if base_url is not None:
         click.echo(f"embeddings come from {base_url}: real API calls, billed by your provider")
         return pg.url(), None
@@ -328,7 +333,9 @@ def quiet_logs(ctx: click.Context) -> None:
 @click.option("--base-url", help="An OpenAI-compatible API instead of the local embedder.")
 @click.option("--model", default="text-embedding-3-small", show_default=True)
 @click.option("--dimensions", type=click.IntRange(1, 16_000), default=1536, show_default=True)
-@click.option("--api-key-env", default="OPENAI_API_KEY", help="With --base-url: the key's variable")
+@click.option(
+    "--api-key-env", default="OPENAI_API_KEY", help="With --base-url: the key's variable."
+)
 @click.option("--keep", is_flag=True, help="Keep the database and the worker running until Ctrl-C.")
 @click.pass_context
 def demo(

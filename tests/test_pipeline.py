@@ -198,3 +198,15 @@ def test_model_change_makes_vectors_stale(db: psycopg.Connection[Any], make_conf
     install_and_drain(changed)  # install re-queues every row embedded with the old model
     assert sorted(fake.inputs()) == ["a\n\nb", "c"]
     assert {r["model"] for r in fake.requests()} == {"text-embedding-3-large"}
+
+
+def test_bulk_update_after_a_single_row_update_stays_linear(db: psycopg.Connection[Any], make_config: Any, fake: FakeEmbedderProcess) -> None:
+    """The capture trigger's cached plan must not turn a later bulk UPDATE quadratic."""
+    create_docs(db)
+    db.execute("INSERT INTO docs SELECT g, 't' || g, NULL FROM generate_series(1, 20000) g")
+    assert syncer(make_config(), "install", "--no-backfill").returncode == 0
+    db.execute("UPDATE docs SET title = 'one' WHERE id = 1")  # plans the trigger's query for 1 row
+    db.execute("DELETE FROM syncer.queue")
+    db.execute("SET statement_timeout = '20s'")  # quadratic takes minutes; linear well under 1 s
+    db.execute("UPDATE docs SET title = title || '!'")
+    assert db.execute("SELECT count(*) FROM syncer.queue").fetchone() == (20000,)

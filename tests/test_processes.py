@@ -19,6 +19,12 @@ def queue_len(db: psycopg.Connection[Any]) -> int:
     return int(db.execute("SELECT count(*) FROM syncer.queue").fetchone()[0])
 
 
+def listening(db: psycopg.Connection[Any]) -> int:
+    """Workers up and running: each holds one LISTEN connection."""
+    sql = "SELECT count(*) FROM pg_stat_activity WHERE application_name = 'syncer' AND query LIKE 'LISTEN%'"
+    return int(db.execute(sql).fetchone()[0])
+
+
 def stop_all(procs: list[subprocess.Popen[str]]) -> None:
     for p in procs:
         if p.poll() is None:
@@ -102,6 +108,7 @@ def test_rapid_updates_with_two_workers_end_with_the_final_text(db: psycopg.Conn
     fake.control(latency_ms=15, latency_jitter_ms=30)
     procs = [start_syncer(config, "run") for _ in range(2)]
     try:
+        wait_for(lambda: listening(db) == 2, 30, "both workers to listen")
         rng = random.Random(7)
         for i in range(200):
             row = rng.randint(1, 10)
