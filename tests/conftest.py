@@ -84,12 +84,14 @@ def _q(s: str) -> str:
 TEST_WORKER = {"poll_interval_s": 0.5, "lease_s": 5, "retry_base_s": 0.05}
 
 
-def base_toml(db_url: str, fake_url: str, concurrency: int = 4, worker: dict[str, Any] | None = None) -> str:
+def base_toml(
+    db_url: str, fake_url: str, concurrency: int = 4, worker: dict[str, Any] | None = None
+) -> str:
     settings = {**TEST_WORKER, **(worker or {})}
     return (
         f"[database]\nurl = {_q(db_url)}\n\n"
-        f"[providers.fake]\nkind = \"openai\"\nbase_url = {_q(fake_url)}\n"
-        f"api_key_env = \"FAKE_API_KEY\"\nmax_concurrency = {concurrency}\ntimeout_s = 5\n\n"
+        f'[providers.fake]\nkind = "openai"\nbase_url = {_q(fake_url)}\n'
+        f'api_key_env = "FAKE_API_KEY"\nmax_concurrency = {concurrency}\ntimeout_s = 5\n\n'
         "[worker]\n" + "".join(f"{k} = {v}\n" for k, v in settings.items())
     )
 
@@ -107,7 +109,9 @@ DEFAULT_PIPELINE = {
 
 @pytest.fixture()
 def make_config(tmp_path: Path, db_url: str, fake: FakeEmbedderProcess) -> Callable[..., Path]:
-    def make(*pipelines: dict[str, Any], concurrency: int = 4, worker: dict[str, Any] | None = None) -> Path:
+    def make(
+        *pipelines: dict[str, Any], concurrency: int = 4, worker: dict[str, Any] | None = None
+    ) -> Path:
         body = base_toml(db_url, fake.url, concurrency, worker)
         for p in pipelines or (DEFAULT_PIPELINE,):
             body += "\n" + pipeline_toml(**p)
@@ -127,7 +131,11 @@ def cli_env(**extra: str) -> dict[str, str]:
 
 
 def syncer(
-    config: Path, *args: str, env: dict[str, str] | None = None, timeout_s: float = 120, input: str | None = None
+    config: Path,
+    *args: str,
+    env: dict[str, str] | None = None,
+    timeout_s: float = 120,
+    input: str | None = None,
 ) -> subprocess.CompletedProcess[str]:
     """Run the real command line in its own process."""
     return subprocess.run(
@@ -140,7 +148,9 @@ def syncer(
     )
 
 
-def start_syncer(config: Path, *args: str, env: dict[str, str] | None = None) -> subprocess.Popen[str]:
+def start_syncer(
+    config: Path, *args: str, env: dict[str, str] | None = None
+) -> subprocess.Popen[str]:
     return subprocess.Popen(
         [sys.executable, "-m", "syncer.cli", "-c", str(config), *args],
         stdout=subprocess.PIPE,

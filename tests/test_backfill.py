@@ -15,7 +15,9 @@ def queued(db: psycopg.Connection[Any]) -> int:
     return int(db.execute("SELECT count(*) FROM syncer.queue").fetchone()[0])
 
 
-def test_backfill_queues_only_missing_or_stale_rows(db: psycopg.Connection[Any], make_config: Any, fake: FakeEmbedderProcess) -> None:
+def test_backfill_queues_only_missing_or_stale_rows(
+    db: psycopg.Connection[Any], make_config: Any, fake: FakeEmbedderProcess
+) -> None:
     create_docs(db)
     db.execute("INSERT INTO docs SELECT g, 'title ' || g, NULL FROM generate_series(1, 12000) g")
     db.execute("INSERT INTO docs VALUES (0, NULL, NULL, NULL)")  # no text: nothing to queue
@@ -49,10 +51,14 @@ def test_backfill_queues_only_missing_or_stale_rows(db: psycopg.Connection[Any],
     assert queued(db) == 0
 
 
-def test_backfill_on_composite_keys_pages_correctly(db: psycopg.Connection[Any], make_config: Any, fake: FakeEmbedderProcess) -> None:
+def test_backfill_on_composite_keys_pages_correctly(
+    db: psycopg.Connection[Any], make_config: Any, fake: FakeEmbedderProcess
+) -> None:
     db.execute("CREATE TABLE docs (a int, b text, title text, body text, PRIMARY KEY (a, b))")
     # 3 x 4,000 rows, so pages of 5,000 cut through the first key column.
-    db.execute("INSERT INTO docs SELECT g % 3, 'k' || g, 't' || g, NULL FROM generate_series(1, 12000) g")
+    db.execute(
+        "INSERT INTO docs SELECT g % 3, 'k' || g, 't' || g, NULL FROM generate_series(1, 12000) g"
+    )
     config = make_config()
     r = syncer(config, "install")
     assert r.returncode == 0 and "12000 existing rows queued" in r.stdout, r.stdout + r.stderr

@@ -30,7 +30,9 @@ def installed(db: psycopg.Connection[Any]) -> bool:
         ({"batch_size": 0}, "pipelines[0].batch_size"),
     ],
 )
-def test_invalid_values(db: psycopg.Connection[Any], make_config: Any, change: dict[str, Any], expected: str) -> None:
+def test_invalid_values(
+    db: psycopg.Connection[Any], make_config: Any, change: dict[str, Any], expected: str
+) -> None:
     create_docs(db)
     fields = {k: v for k, v in {**DEFAULT_PIPELINE, **change}.items() if v is not None}
     config = make_config(fields)
@@ -47,20 +49,34 @@ def test_invalid_values(db: psycopg.Connection[Any], make_config: Any, change: d
         ("", {"table": "public.nope"}, "table 'public.nope' does not exist"),
         ("", {"text": ["title", "bdy"]}, "column 'bdy' does not exist in 'public.docs'"),
         ("", {"key": ["tag"]}, "columns ['tag'] are not unique"),
-        ("ALTER TABLE docs ADD COLUMN embedding vector(3)", {}, "docs.embedding is vector(3), but the config says vector(8)"),
-        ("ALTER TABLE docs ADD COLUMN embedding halfvec(8)", {}, "is halfvec(8), but the config says vector(8)"),
+        (
+            "ALTER TABLE docs ADD COLUMN embedding vector(3)",
+            {},
+            "docs.embedding is vector(3), but the config says vector(8)",
+        ),
+        (
+            "ALTER TABLE docs ADD COLUMN embedding halfvec(8)",
+            {},
+            "is halfvec(8), but the config says vector(8)",
+        ),
         ("ALTER TABLE docs ADD COLUMN embedding text", {}, "docs.embedding is text"),
-        ("CREATE TABLE side (id bigint PRIMARY KEY, embedding vector(8))", {"target": "table", "target_table": "side"}, "has no content_hash column"),
+        (
+            "CREATE TABLE side (id bigint PRIMARY KEY, embedding vector(8))",
+            {"target": "table", "target_table": "side"},
+            "has no content_hash column",
+        ),
     ],
 )
-def test_database_disagrees(db: psycopg.Connection[Any], make_config: Any, setup: str, change: dict[str, Any], expected: str) -> None:
+def test_database_disagrees(
+    db: psycopg.Connection[Any], make_config: Any, setup: str, change: dict[str, Any], expected: str
+) -> None:
     create_docs(db)
     if setup:
         db.execute(setup)
     config = make_config({**DEFAULT_PIPELINE, **change})
     r = syncer(config, "install")
     assert r.returncode != 0
-    assert f"pipeline 'docs'" in r.stderr and expected in r.stderr, r.stderr
+    assert "pipeline 'docs'" in r.stderr and expected in r.stderr, r.stderr
     assert "Traceback" not in r.stderr
     assert not installed(db)
 
@@ -93,7 +109,9 @@ def test_run_before_install_says_so(db: psycopg.Connection[Any], make_config: An
 
 def test_unreachable_database(tmp_path: Path, make_config: Any) -> None:
     config = make_config()
-    text = config.read_text().replace("postgresql://postgres@/", "postgresql://postgres@127.0.0.1:1/", 1)
+    text = config.read_text().replace(
+        "postgresql://postgres@/", "postgresql://postgres@127.0.0.1:1/", 1
+    )
     config.write_text(text)
     r = syncer(config, "install")
     assert r.returncode == 1 and "cannot connect to the database" in r.stderr

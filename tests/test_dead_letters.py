@@ -16,10 +16,14 @@ BATCH64 = {**DEFAULT_PIPELINE, "batch_size": 64}
 
 
 def dead(db: psycopg.Connection[Any]) -> list[tuple[Any, ...]]:
-    return db.execute("SELECT key->>'id', error_class, attempts FROM syncer.dead_letters ORDER BY id").fetchall()
+    return db.execute(
+        "SELECT key->>'id', error_class, attempts FROM syncer.dead_letters ORDER BY id"
+    ).fetchall()
 
 
-def test_one_bad_input_in_a_batch_of_64(db: psycopg.Connection[Any], make_config: Any, fake: FakeEmbedderProcess) -> None:
+def test_one_bad_input_in_a_batch_of_64(
+    db: psycopg.Connection[Any], make_config: Any, fake: FakeEmbedderProcess
+) -> None:
     create_docs(db)
     db.execute("INSERT INTO docs SELECT g, 'title ' || g, NULL FROM generate_series(1, 64) g")
     db.execute("UPDATE docs SET body = %s WHERE id = 17", (f"poison {BAD_INPUT_MARKER}",))
@@ -34,7 +38,9 @@ def test_one_bad_input_in_a_batch_of_64(db: psycopg.Connection[Any], make_config
     assert fake.stats()["requests"] <= 16
 
 
-def test_dlq_list_and_replay(db: psycopg.Connection[Any], make_config: Any, fake: FakeEmbedderProcess) -> None:
+def test_dlq_list_and_replay(
+    db: psycopg.Connection[Any], make_config: Any, fake: FakeEmbedderProcess
+) -> None:
     create_docs(db)
     db.execute("INSERT INTO docs SELECT g, 'title ' || g, NULL FROM generate_series(1, 10) g")
     db.execute("UPDATE docs SET body = %s WHERE id IN (3, 4, 5)", (f"bad {BAD_INPUT_MARKER}",))
@@ -45,7 +51,14 @@ def test_dlq_list_and_replay(db: psycopg.Connection[Any], make_config: Any, fake
     r = syncer(config, "dlq", "list", "--json")
     assert r.returncode == 0, r.stderr
     doc = json.loads(r.stdout)
-    assert doc["counts"] == [{"pipeline": "docs", "error_class": "invalid_input", "n": 3, "newest": doc["counts"][0]["newest"]}]
+    assert doc["counts"] == [
+        {
+            "pipeline": "docs",
+            "error_class": "invalid_input",
+            "n": 3,
+            "newest": doc["counts"][0]["newest"],
+        }
+    ]
     assert sorted(e["key"]["id"] for e in doc["newest"]) == [3, 4, 5]
     assert "bad __FAKE" not in r.stdout  # never the row's text
 

@@ -24,7 +24,9 @@ def snapshot(db: psycopg.Connection[Any]) -> list[str]:
     return [r[0] for r in db.execute(CATALOG)]
 
 
-def test_install_twice_changes_nothing(db: psycopg.Connection[Any], make_config: Any, fake: FakeEmbedderProcess) -> None:
+def test_install_twice_changes_nothing(
+    db: psycopg.Connection[Any], make_config: Any, fake: FakeEmbedderProcess
+) -> None:
     create_docs(db)
     db.execute("CREATE ROLE app LOGIN NOSUPERUSER")
     db.execute("GRANT ALL ON SCHEMA public TO app; ALTER TABLE docs OWNER TO app")
@@ -45,7 +47,9 @@ def test_install_twice_changes_nothing(db: psycopg.Connection[Any], make_config:
     assert db.execute("SELECT max(version) FROM syncer.schema_version").fetchone() == (1,)
 
 
-def test_writes_by_another_role_are_captured(db: psycopg.Connection[Any], make_config: Any, fake: FakeEmbedderProcess) -> None:
+def test_writes_by_another_role_are_captured(
+    db: psycopg.Connection[Any], make_config: Any, fake: FakeEmbedderProcess
+) -> None:
     """The trigger functions run as their owner: the application's role needs no grant on syncer."""
     create_docs(db)
     config = make_config()
@@ -55,7 +59,9 @@ def test_writes_by_another_role_are_captured(db: psycopg.Connection[Any], make_c
     assert db.execute("SELECT count(*) FROM syncer.queue").fetchone() == (1,)
 
 
-def test_uninstall_keeps_user_data(db: psycopg.Connection[Any], make_config: Any, fake: FakeEmbedderProcess) -> None:
+def test_uninstall_keeps_user_data(
+    db: psycopg.Connection[Any], make_config: Any, fake: FakeEmbedderProcess
+) -> None:
     create_docs(db)
     db.execute("INSERT INTO docs VALUES (1, 'a', 'b', 'keep me')")
     before = snapshot(db)
@@ -67,7 +73,9 @@ def test_uninstall_keeps_user_data(db: psycopg.Connection[Any], make_config: Any
     r = syncer(config, "uninstall", input="y\n")
     assert r.returncode == 0, r.stderr
     assert snapshot(db) == before
-    assert db.execute("SELECT id, title, body, tag FROM docs").fetchall() == [(1, "a", "b", "keep me")]
+    assert db.execute("SELECT id, title, body, tag FROM docs").fetchall() == [
+        (1, "a", "b", "keep me")
+    ]
     # With --keep-vectors the vectors stay and become the user's; the rest goes.
     install_and_drain(config)
     r = syncer(config, "uninstall", "--keep-vectors")
@@ -79,7 +87,9 @@ def test_uninstall_keeps_user_data(db: psycopg.Connection[Any], make_config: Any
     assert db.execute("SELECT tag, embedding IS NOT NULL FROM docs").fetchone() == ("keep me", True)
 
 
-def test_uninstall_side_table(db: psycopg.Connection[Any], make_config: Any, fake: FakeEmbedderProcess) -> None:
+def test_uninstall_side_table(
+    db: psycopg.Connection[Any], make_config: Any, fake: FakeEmbedderProcess
+) -> None:
     create_docs(db)
     before = snapshot(db)
     config = make_config({**DEFAULT_PIPELINE, "target": "table", "target_table": "docs_vec"})

@@ -24,7 +24,9 @@ def composed(*parts: str | None) -> str | None:
     return "\n\n".join(kept) if kept else None
 
 
-def assert_synced(db: psycopg.Connection[Any], sql: str = "SELECT title, body, embedding FROM docs") -> int:
+def assert_synced(
+    db: psycopg.Connection[Any], sql: str = "SELECT title, body, embedding FROM docs"
+) -> int:
     n = 0
     for title, body, emb in db.execute(sql).fetchall():
         text = composed(title, body)
@@ -44,7 +46,9 @@ def install_and_drain(config: Any) -> None:
     assert r.returncode == 0, r.stderr
 
 
-def test_insert_update_and_noop_update(db: psycopg.Connection[Any], make_config: Any, fake: FakeEmbedderProcess) -> None:
+def test_insert_update_and_noop_update(
+    db: psycopg.Connection[Any], make_config: Any, fake: FakeEmbedderProcess
+) -> None:
     create_docs(db)
     config = make_config()
     db.execute("INSERT INTO docs VALUES (1, 'Hello', 'world', 'a'), (2, 'Second', NULL, 'b')")
@@ -62,7 +66,9 @@ def test_insert_update_and_noop_update(db: psycopg.Connection[Any], make_config:
     assert_synced(db)
 
 
-def test_text_changed_back_costs_no_call(db: psycopg.Connection[Any], make_config: Any, fake: FakeEmbedderProcess) -> None:
+def test_text_changed_back_costs_no_call(
+    db: psycopg.Connection[Any], make_config: Any, fake: FakeEmbedderProcess
+) -> None:
     create_docs(db)
     config = make_config()
     db.execute("INSERT INTO docs VALUES (1, 'A', 'x', NULL)")
@@ -77,10 +83,14 @@ def test_text_changed_back_costs_no_call(db: psycopg.Connection[Any], make_confi
     assert db.execute("SELECT count(*) FROM syncer.queue").fetchone() == (0,)
 
 
-def test_null_and_empty_text(db: psycopg.Connection[Any], make_config: Any, fake: FakeEmbedderProcess) -> None:
+def test_null_and_empty_text(
+    db: psycopg.Connection[Any], make_config: Any, fake: FakeEmbedderProcess
+) -> None:
     create_docs(db)
     config = make_config()
-    db.execute("INSERT INTO docs VALUES (1, NULL, NULL, NULL), (2, '', '', NULL), (3, '', 'only body', NULL)")
+    db.execute(
+        "INSERT INTO docs VALUES (1, NULL, NULL, NULL), (2, '', '', NULL), (3, '', 'only body', NULL)"
+    )
     install_and_drain(config)
     assert fake.inputs() == ["only body"]
     assert_synced(db)
@@ -92,15 +102,25 @@ def test_null_and_empty_text(db: psycopg.Connection[Any], make_config: Any, fake
     r = syncer(config, "run", "--exit-when-idle")
     assert r.returncode == 0, r.stderr
     assert fake.inputs() == []
-    assert db.execute("SELECT embedding, embedding_hash FROM docs WHERE id = 3").fetchone() == (None, None)
+    assert db.execute("SELECT embedding, embedding_hash FROM docs WHERE id = 3").fetchone() == (
+        None,
+        None,
+    )
 
 
-def test_unicode_quotes_and_large_text(db: psycopg.Connection[Any], make_config: Any, fake: FakeEmbedderProcess) -> None:
+def test_unicode_quotes_and_large_text(
+    db: psycopg.Connection[Any], make_config: Any, fake: FakeEmbedderProcess
+) -> None:
     create_docs(db)
     config = make_config()
     big = "παράδειγμα 例子 \"quoted\" 'single' \\ back\\slash; DROP TABLE docs; -- " * 1400
     assert len(big.encode()) > 100_000
-    rows = [(1, "emoji 🚀🔥", "naïve café — “curly”"), (2, "it's", 'say "hi"'), (3, "big", big), (4, "tab\there", "\n\nnewlines\n")]
+    rows = [
+        (1, "emoji 🚀🔥", "naïve café — “curly”"),
+        (2, "it's", 'say "hi"'),
+        (3, "big", big),
+        (4, "tab\there", "\n\nnewlines\n"),
+    ]
     with db.cursor() as cur:
         cur.executemany("INSERT INTO docs (id, title, body) VALUES (%s, %s, %s)", rows)
     install_and_drain(config)
@@ -116,25 +136,42 @@ def test_unicode_quotes_and_large_text(db: psycopg.Connection[Any], make_config:
     assert "0 rows queued" in r.stdout
 
 
-def test_too_long_text_can_be_dead_lettered(db: psycopg.Connection[Any], make_config: Any, fake: FakeEmbedderProcess) -> None:
+def test_too_long_text_can_be_dead_lettered(
+    db: psycopg.Connection[Any], make_config: Any, fake: FakeEmbedderProcess
+) -> None:
     create_docs(db)
     config = make_config({**DEFAULT_PIPELINE, "on_too_long": "dead_letter"})
-    db.execute("INSERT INTO docs VALUES (1, 'short', NULL, NULL), (2, repeat('long text ', 20000), NULL, NULL)")
+    db.execute(
+        "INSERT INTO docs VALUES (1, 'short', NULL, NULL), (2, repeat('long text ', 20000), NULL, NULL)"
+    )
     install_and_drain(config)
     assert fake.inputs() == ["short"]
-    assert db.execute("SELECT key->>'id', error_class, attempts FROM syncer.dead_letters").fetchall() == [("2", "input_too_long", 1)]
+    assert db.execute(
+        "SELECT key->>'id', error_class, attempts FROM syncer.dead_letters"
+    ).fetchall() == [("2", "input_too_long", 1)]
 
 
-def test_side_table_target_and_delete(db: psycopg.Connection[Any], make_config: Any, fake: FakeEmbedderProcess) -> None:
+def test_side_table_target_and_delete(
+    db: psycopg.Connection[Any], make_config: Any, fake: FakeEmbedderProcess
+) -> None:
     create_docs(db)
-    config = make_config({**DEFAULT_PIPELINE, "target": "table", "target_table": "public.docs_vectors"})
-    db.execute("INSERT INTO docs VALUES (1, 'one', NULL, NULL), (2, 'two', NULL, NULL), (3, NULL, NULL, NULL)")
+    config = make_config(
+        {**DEFAULT_PIPELINE, "target": "table", "target_table": "public.docs_vectors"}
+    )
+    db.execute(
+        "INSERT INTO docs VALUES (1, 'one', NULL, NULL), (2, 'two', NULL, NULL), (3, NULL, NULL, NULL)"
+    )
     install_and_drain(config)
     sql = "SELECT d.title, d.body, v.embedding FROM docs d LEFT JOIN docs_vectors v USING (id)"
     assert assert_synced(db, sql) == 3
     assert db.execute("SELECT count(*) FROM docs_vectors").fetchone() == (2,)
     # The source table itself is untouched: no vector column was added to it.
-    cols = [r[0] for r in db.execute("SELECT column_name FROM information_schema.columns WHERE table_name = 'docs'")]
+    cols = [
+        r[0]
+        for r in db.execute(
+            "SELECT column_name FROM information_schema.columns WHERE table_name = 'docs'"
+        )
+    ]
     assert "embedding" not in cols
     db.execute("DELETE FROM docs WHERE id = 1")
     db.execute("UPDATE docs SET title = NULL WHERE id = 2")
@@ -145,20 +182,26 @@ def test_side_table_target_and_delete(db: psycopg.Connection[Any], make_config: 
     assert_synced(db, sql)
 
 
-def test_composite_key_halfvec_and_odd_names(db: psycopg.Connection[Any], make_config: Any, fake: FakeEmbedderProcess) -> None:
+def test_composite_key_halfvec_and_odd_names(
+    db: psycopg.Connection[Any], make_config: Any, fake: FakeEmbedderProcess
+) -> None:
     db.execute('CREATE SCHEMA "My Schema"')
     db.execute(
         f'CREATE TABLE {ODD} (tenant text, "Doc Id" int, "Title Col" text, '
         '"bo""dy" text, PRIMARY KEY (tenant, "Doc Id"))'
     )
-    config = make_config({
-        **DEFAULT_PIPELINE,
-        "table": ODD,
-        "text": ["Title Col", 'bo"dy'],
-        "column": "Vec Col",
-        "vector_type": "halfvec",
-    })
-    db.execute(f"INSERT INTO {ODD} VALUES ('a', 1, 'x', 'y'), ('b', 1, 'x', 'z'), ('a', 2, 'w', NULL)")
+    config = make_config(
+        {
+            **DEFAULT_PIPELINE,
+            "table": ODD,
+            "text": ["Title Col", 'bo"dy'],
+            "column": "Vec Col",
+            "vector_type": "halfvec",
+        }
+    )
+    db.execute(
+        f"INSERT INTO {ODD} VALUES ('a', 1, 'x', 'y'), ('b', 1, 'x', 'z'), ('a', 2, 'w', NULL)"
+    )
     install_and_drain(config)
     rows = db.execute(f'SELECT "Title Col", "bo""dy", "Vec Col" FROM {ODD}').fetchall()
     assert len(rows) == 3
@@ -172,11 +215,15 @@ def test_composite_key_halfvec_and_odd_names(db: psycopg.Connection[Any], make_c
     assert fake.inputs() == ["x\n\nnew"]
 
 
-def test_bulk_insert_embeds_each_row_once(db: psycopg.Connection[Any], make_config: Any, fake: FakeEmbedderProcess) -> None:
+def test_bulk_insert_embeds_each_row_once(
+    db: psycopg.Connection[Any], make_config: Any, fake: FakeEmbedderProcess
+) -> None:
     create_docs(db)
     config = make_config(concurrency=8)
     assert syncer(config, "install").returncode == 0
-    db.execute("INSERT INTO docs SELECT g, 'title ' || g, 'body ' || g FROM generate_series(1, 10000) g")
+    db.execute(
+        "INSERT INTO docs SELECT g, 'title ' || g, 'body ' || g FROM generate_series(1, 10000) g"
+    )
     # One statement: the queue got the rows in one insert, not 10,000 trigger calls.
     assert db.execute("SELECT count(*) FROM syncer.queue").fetchone() == (10000,)
     r = syncer(config, "run", "--exit-when-idle")
@@ -187,7 +234,9 @@ def test_bulk_insert_embeds_each_row_once(db: psycopg.Connection[Any], make_conf
     assert db.execute("SELECT count(*) FROM syncer.queue").fetchone() == (0,)
 
 
-def test_model_change_makes_vectors_stale(db: psycopg.Connection[Any], make_config: Any, fake: FakeEmbedderProcess) -> None:
+def test_model_change_makes_vectors_stale(
+    db: psycopg.Connection[Any], make_config: Any, fake: FakeEmbedderProcess
+) -> None:
     create_docs(db)
     db.execute("INSERT INTO docs VALUES (1, 'a', 'b', NULL), (2, 'c', NULL, NULL)")
     install_and_drain(make_config())
@@ -200,7 +249,9 @@ def test_model_change_makes_vectors_stale(db: psycopg.Connection[Any], make_conf
     assert {r["model"] for r in fake.requests()} == {"text-embedding-3-large"}
 
 
-def test_bulk_update_after_a_single_row_update_stays_linear(db: psycopg.Connection[Any], make_config: Any, fake: FakeEmbedderProcess) -> None:
+def test_bulk_update_after_a_single_row_update_stays_linear(
+    db: psycopg.Connection[Any], make_config: Any, fake: FakeEmbedderProcess
+) -> None:
     """The capture trigger's cached plan must not turn a later bulk UPDATE quadratic."""
     create_docs(db)
     db.execute("INSERT INTO docs SELECT g, 't' || g, NULL FROM generate_series(1, 20000) g")

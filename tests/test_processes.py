@@ -32,12 +32,16 @@ def stop_all(procs: list[subprocess.Popen[str]]) -> None:
         p.wait(10)
 
 
-def test_three_workers_share_the_queue(db: psycopg.Connection[Any], make_config: Any, fake: FakeEmbedderProcess) -> None:
+def test_three_workers_share_the_queue(
+    db: psycopg.Connection[Any], make_config: Any, fake: FakeEmbedderProcess
+) -> None:
     create_docs(db)
     config = make_config(concurrency=2)
     assert syncer(config, "install").returncode == 0
     fake.control(latency_ms=20)
-    db.execute("INSERT INTO docs SELECT g, 'title ' || g, 'body ' || g FROM generate_series(1, 5000) g")
+    db.execute(
+        "INSERT INTO docs SELECT g, 'title ' || g, 'body ' || g FROM generate_series(1, 5000) g"
+    )
     procs = [start_syncer(config, "run", "--exit-when-idle") for _ in range(3)]
     shares = []
     try:
@@ -54,7 +58,9 @@ def test_three_workers_share_the_queue(db: psycopg.Connection[Any], make_config:
     assert queue_len(db) == 0
 
 
-def test_killed_worker_items_come_back_after_the_lease(db: psycopg.Connection[Any], make_config: Any, fake: FakeEmbedderProcess) -> None:
+def test_killed_worker_items_come_back_after_the_lease(
+    db: psycopg.Connection[Any], make_config: Any, fake: FakeEmbedderProcess
+) -> None:
     create_docs(db)
     config = make_config(concurrency=2, worker={"lease_s": 2})
     assert syncer(config, "install").returncode == 0
@@ -63,7 +69,9 @@ def test_killed_worker_items_come_back_after_the_lease(db: psycopg.Connection[An
     victim = start_syncer(config, "run")
     try:
         wait_for(lambda: fake.stats()["requests"] >= 2, 30, "requests in flight")
-        leased = db.execute("SELECT count(*) FROM syncer.queue WHERE leased_until > now()").fetchone()[0]
+        leased = db.execute(
+            "SELECT count(*) FROM syncer.queue WHERE leased_until > now()"
+        ).fetchone()[0]
         assert leased > 0
         victim.send_signal(signal.SIGKILL)
         victim.wait(10)
@@ -76,7 +84,9 @@ def test_killed_worker_items_come_back_after_the_lease(db: psycopg.Connection[An
     assert queue_len(db) == 0
 
 
-def test_sigterm_stops_softly_and_loses_nothing(db: psycopg.Connection[Any], make_config: Any, fake: FakeEmbedderProcess) -> None:
+def test_sigterm_stops_softly_and_loses_nothing(
+    db: psycopg.Connection[Any], make_config: Any, fake: FakeEmbedderProcess
+) -> None:
     create_docs(db)
     config = make_config(concurrency=2, worker={"lease_s": 600, "shutdown_timeout_s": 3})
     assert syncer(config, "install").returncode == 0
@@ -91,7 +101,9 @@ def test_sigterm_stops_softly_and_loses_nothing(db: psycopg.Connection[Any], mak
     finally:
         stop_all([proc])
     # Unfinished items were handed back at once, not left to a 10-minute lease.
-    assert db.execute("SELECT count(*) FROM syncer.queue WHERE leased_by IS NOT NULL").fetchone() == (0,)
+    assert db.execute(
+        "SELECT count(*) FROM syncer.queue WHERE leased_by IS NOT NULL"
+    ).fetchone() == (0,)
     done = db.execute("SELECT count(*) FROM docs WHERE embedding IS NOT NULL").fetchone()[0]
     assert done + queue_len(db) >= 2000 and done > 0
     fake.control(latency_ms=0)
@@ -100,7 +112,9 @@ def test_sigterm_stops_softly_and_loses_nothing(db: psycopg.Connection[Any], mak
     assert assert_synced(db) == 2000
 
 
-def test_rapid_updates_with_two_workers_end_with_the_final_text(db: psycopg.Connection[Any], make_config: Any, fake: FakeEmbedderProcess) -> None:
+def test_rapid_updates_with_two_workers_end_with_the_final_text(
+    db: psycopg.Connection[Any], make_config: Any, fake: FakeEmbedderProcess
+) -> None:
     create_docs(db)
     config = make_config(concurrency=2, worker={"poll_interval_s": 0.2})
     db.execute("INSERT INTO docs SELECT g, 'start ' || g, NULL FROM generate_series(1, 10) g")
