@@ -169,7 +169,7 @@ class PipelineRunner:
             free = self.capacity - len(self.in_flight)
             if free < self.claim_min and self.in_flight:
                 self.slot_freed.clear()
-                await _wait_first_or(stop, self.slot_freed)
+                await _wait_first(stop, self.slot_freed)
                 continue
             self.wakeup.clear()
             items = await self.queue.claim(self.p.name, free)
@@ -182,7 +182,12 @@ class PipelineRunner:
                     continue  # a full claim: more is likely waiting
             elif exit_when_idle and not self.in_flight and await self._idle():
                 return
-            await _wait_first_or(stop, self.wakeup, timeout_s=await self._poll_s(exit_when_idle))
+            wake = [stop, self.wakeup]
+            if exit_when_idle and self.in_flight:
+                # The last items finishing may leave nothing to do: look again then.
+                self.slot_freed.clear()
+                wake.append(self.slot_freed)
+            await _wait_first(*wake, timeout_s=await self._poll_s(exit_when_idle))
 
     async def _idle(self) -> bool:
         return await self.queue.pending([self.p.name]) == 0
@@ -390,10 +395,8 @@ class PipelineRunner:
             await self.queue.extend(sorted(self.in_flight))
 
 
-async def _wait_first_or(
-    stop: asyncio.Event, other: asyncio.Event, timeout_s: float | None = None
-) -> None:
-    waits = [asyncio.create_task(stop.wait()), asyncio.create_task(other.wait())]
+async def _wait_first(*events: asyncio.Event, timeout_s: float | None = None) -> None:
+    waits = [asyncio.create_task(e.wait()) for e in events]
     try:
         await asyncio.wait(waits, timeout=timeout_s, return_when=asyncio.FIRST_COMPLETED)
     finally:
