@@ -24,6 +24,7 @@ import orjson
 from syncer.config import ProviderConfig
 from syncer.errors import (
     CircuitOpenError,
+    DimensionError,
     InputError,
     ProviderError,
     RateLimitedError,
@@ -32,6 +33,8 @@ from syncer.errors import (
 from syncer.limits import CircuitBreaker, ProviderLimiter
 
 log = logging.getLogger("syncer.embed")
+
+DIMENSION_ERRORS_FATAL = 2  # consecutive answers of the wrong dimension
 
 Vectors = np.ndarray[Any, np.dtype[np.float32]]
 
@@ -92,6 +95,8 @@ class OpenAIEmbedder:
         # pipelines until then; the error says why.
         self.refused_until = 0.0
         self.refused_error: str | None = None
+        self._dimension_errors = 0
+        self._last_error = ""
 
     def _client(self) -> aiohttp.ClientSession:
         if self._session is None:
@@ -125,15 +130,27 @@ class OpenAIEmbedder:
     async def embed(self, req: EmbedRequest) -> Vectors:
         if not self.breaker.allow():
             wait_s = max(0.05, self.breaker.probe_at - time.monotonic())
-            raise CircuitOpenError(f"provider {self.name}: circuit open", wait_s)
+            raise CircuitOpenError(
+                f"provider {self.name}: circuit open after: {self._last_error}", wait_s
+            )
         async with self.limiter.slot(req.tokens):
             try:
                 vectors = await self._post_with_fallback(req)
             except RateLimitedError as err:
                 self.limiter.on_rate_limited(err.retry_after_s)
                 raise
-            except RetryableError:
-                self.breaker.record_failure()
+            except DimensionError as err:
+                # One odd answer is retried; the same on consecutive answers means the
+                # model and the config disagree: no retry can fix that.
+                self._dimension_errors += 1
+                if self._dimension_errors < DIMENSION_ERRORS_FATAL:
+                    self._failed(err)
+                    raise
+                fatal = ProviderError(str(err))
+                self._refuse(fatal)
+                raise fatal from None
+            except RetryableError as err:
+                self._failed(err)
                 raise
             except ProviderError as err:
                 self._refuse(err)
@@ -141,9 +158,15 @@ class OpenAIEmbedder:
             except InputError:
                 self.breaker.record_success()  # the provider is up; the input is bad
                 raise
+            self._dimension_errors = 0
+            self.refused_error = None
             self.limiter.on_success()
             self.breaker.record_success()
             return vectors
+
+    def _failed(self, err: Exception) -> None:
+        self._last_error = str(err)
+        self.breaker.record_failure()
 
     def _refuse(self, err: ProviderError) -> None:
         if self.refused_until < time.monotonic():
@@ -241,7 +264,7 @@ def decode_embeddings(provider: str, data: list[Any], n: int, dim: int) -> Vecto
         seen[idx] = True
         vec = _vector(provider, emb)
         if vec.shape[0] != dim:
-            raise ProviderError(
+            raise DimensionError(
                 f"provider {provider}: answered {vec.shape[0]} dimensions, the config says {dim}"
             )
         out[idx] = vec

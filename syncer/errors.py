@@ -23,10 +23,10 @@ class RateLimitedError(RetryableError):
     error_class = "rate_limited"
 
 
-class InputTooLongError(SyncerError):
-    """A text over the model's input limit, with on_too_long = "dead_letter"."""
+class DimensionError(RetryableError):
+    """An answer whose vectors have another dimension than the config says."""
 
-    error_class = "input_too_long"
+    error_class = "wrong_dimension"
 
 
 class CircuitOpenError(RetryableError):

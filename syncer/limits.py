@@ -257,7 +257,10 @@ class ProviderLimiter:
         now = self._clock()
         until = self._paused_until
         for b in self._budgets.values():
-            until = max(until, now + b.wait_s(now, 1.0))
+            # Only a real wait counts: `now` itself would read as a pause to a caller whose
+            # clock read came a moment earlier.
+            if (wait_s := b.wait_s(now, 1.0)) > 0:
+                until = max(until, now + wait_s)
         return until
 
     @contextlib.asynccontextmanager

@@ -42,6 +42,7 @@ log = logging.getLogger("syncer.worker")
 
 MAX_WRITE_ROWS = 256
 WRITERS = 2
+STOP_CLAIMER_S = 0.5  # a claim in flight finishes (never strand one); a blocked put does not
 # Errors no retry can fix: straight to the dead-letter table.
 FINAL_CLASSES = frozenset({"invalid_input", "input_too_long"})
 
@@ -137,8 +138,13 @@ class PipelineRunner:
         claimer = asyncio.create_task(
             self._claim_loop(stop, exit_when_idle), name=f"{self.p.name}-claim"
         )
+        tasks.append(asyncio.create_task(self._cancel_claimer_on_stop(claimer, stop)))
         try:
-            await _supervise(claimer, tasks)
+            try:
+                await _supervise(claimer, tasks)
+            except asyncio.CancelledError:
+                if not (stop.is_set() and claimer.cancelled()):
+                    raise
             await _supervise(asyncio.create_task(self._soft_stop()), tasks)
         finally:
             for t in tasks:
@@ -151,6 +157,17 @@ class PipelineRunner:
                     "released unfinished items",
                     extra={"pipeline": self.p.name, "n": len(self.in_flight)},
                 )
+
+    async def _cancel_claimer_on_stop(
+        self, claimer: asyncio.Task[None], stop: asyncio.Event
+    ) -> None:
+        """The claimer may be blocked on a full embedding queue (the rate limiter holding
+        every request) and not see the stop: cancel it. Its claimed items are in flight, so
+        they are finished or released like the others."""
+        await stop.wait()
+        done, _ = await asyncio.wait([claimer], timeout=STOP_CLAIMER_S)
+        if not done:
+            claimer.cancel()
 
     async def _soft_stop(self) -> None:
         with contextlib.suppress(TimeoutError):
@@ -281,14 +298,11 @@ class PipelineRunner:
             await self._split_bad_input(job, err, batch, failures)
             return
         except RetryableError as err:
+            delay_s = backoff_s(job.attempts, self.wcfg.retry_base_s, self.wcfg.retry_max_s, err)
+            # Never sent (the breaker was open): the attempt is not the items' to spend.
+            sent = not isinstance(err, CircuitOpenError)
             failures += [
-                Failure(
-                    i,
-                    err.error_class,
-                    str(err),
-                    backoff_s(job.attempts, self.wcfg.retry_base_s, self.wcfg.retry_max_s, err),
-                )
-                for i in job.all_ids()
+                Failure(i, err.error_class, str(err), delay_s, counts=sent) for i in job.all_ids()
             ]
             return
         except ProviderError as err:
