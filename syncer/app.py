@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import gc
 import signal
 from collections.abc import Callable
 from dataclasses import dataclass
@@ -133,6 +134,8 @@ async def run(
 
     stop = stop or asyncio.Event()
     result = RunResult(events or Events())
+    # Start-up objects live as long as the process: keep them out of every collection.
+    gc.freeze()
     pool = await create_pool(cfg.database)
     loop = asyncio.get_running_loop()
     for sig in (signal.SIGTERM, signal.SIGINT):

@@ -96,7 +96,9 @@ def _pieces(text: str, at_most_needed: int) -> int:
         # Letter runs <= chunks + others; digit groups, punctuation pairs and line breaks
         # <= others. The regex costs ~100 ns a character; this bound ~10 ns.
         others = len(text.encode("ascii").translate(None, _LETTERS_AND_BLANKS))
-        if len(text.split()) + 2 * others <= at_most_needed:
+        # Words <= blanks + 1; counting is 4x cheaper than text.split().
+        words = text.count(" ") + text.count("\t") + text.count("\f") + text.count("\v") + 1
+        if words + 2 * others <= at_most_needed:
             return 0
     return len(_PIECE.findall(text))
 

@@ -252,23 +252,26 @@ class PipelineRunner:
         kept: list[SourceRow] = []
         too_long: list[Failure] = []
         limit = self.pcfg.max_tokens_per_input
+        tokens: list[int] = []
         for row in rows:
             text = row.text or ""
-            if estimate_tokens(text) > limit:
+            n_tokens = estimate_tokens(text)
+            if n_tokens > limit:
                 if self.p.on_too_long == "dead_letter":
                     msg = f"text estimated over {limit} tokens (on_too_long = dead_letter)"
                     too_long += [Failure(i, "input_too_long", msg) for i in ids_by_key[row.key]]
                     continue
                 text = truncate_to_tokens(text, limit)
+                n_tokens = estimate_tokens(text)
                 log.info(
                     "text truncated",
                     extra={"pipeline": self.p.name, "key": row.key, "max_tokens": limit},
                 )
             texts.append(text)
+            tokens.append(n_tokens)
             kept.append(row)
         if too_long:
             await self._fail(too_long, attempts)
-        tokens = [estimate_tokens(t) for t in texts]
         for request in pack_requests(tokens, self.request_inputs, self.pcfg.max_tokens_per_request):
             job = EmbedJob(
                 [kept[i].key for i in request],
