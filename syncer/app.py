@@ -20,7 +20,7 @@ from syncer.embed import Embedder, OpenAIEmbedder
 from syncer.observe import Events
 from syncer.schema import PipelineSQL, SchemaError
 from syncer.sqlfiles import query
-from syncer.worker import Worker
+from syncer.worker import ProviderPaused, Worker
 
 EXIT_PROVIDER_PAUSED = 3
 
@@ -130,8 +130,6 @@ async def run(
     stop: asyncio.Event | None = None,
     events: Events | None = None,
 ) -> RunResult:
-    from syncer.worker import ProviderPaused
-
     stop = stop or asyncio.Event()
     result = RunResult(events or Events())
     # Start-up objects live as long as the process: keep them out of every collection.

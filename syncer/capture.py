@@ -7,7 +7,6 @@ user's transaction; a NOTIFY only wakes workers early, so a lost one only delays
 from __future__ import annotations
 
 import asyncio
-import contextlib
 import logging
 from collections.abc import Mapping
 from typing import Any
@@ -27,7 +26,6 @@ class Listener:
         self.dsn = dsn
         self.wakeups = wakeups
         self.connect_kwargs = connect_kwargs
-        self.connected = asyncio.Event()
 
     def _on_notify(self, _conn: Any, _pid: int, _channel: str, payload: str) -> None:
         event = self.wakeups.get(payload)
@@ -46,32 +44,26 @@ class Listener:
                 conn = await asyncpg.connect(self.dsn, **self.connect_kwargs)
             except (OSError, asyncpg.PostgresError) as err:
                 log.warning("listener cannot connect, retrying", extra={"error": str(err)})
-                await _wait_any(stop, delay_s)
+                await wait_first(stop, timeout_s=delay_s)
                 delay_s = min(delay_s * 2, 30.0)
                 continue
             delay_s = 0.5
             try:
                 conn.add_termination_listener(lambda _c, lost=lost: lost.set())
                 await conn.add_listener(CHANNEL, self._on_notify)
-                self.connected.set()
                 # Notifications sent while we were not listening are lost: look once now.
                 self._wake_all()
-                await _wait_first(stop, lost)
+                await wait_first(stop, lost)
             finally:
-                self.connected.clear()
                 if not conn.is_closed():
                     await conn.close(timeout=5)
 
 
-async def _wait_any(stop: asyncio.Event, timeout_s: float) -> None:
-    with contextlib.suppress(TimeoutError):
-        await asyncio.wait_for(stop.wait(), timeout_s)
-
-
-async def _wait_first(*events: asyncio.Event) -> None:
-    tasks = [asyncio.create_task(e.wait()) for e in events]
+async def wait_first(*events: asyncio.Event, timeout_s: float | None = None) -> None:
+    """Return when any event is set, or after timeout_s."""
+    waits = [asyncio.create_task(e.wait()) for e in events]
     try:
-        await asyncio.wait(tasks, return_when=asyncio.FIRST_COMPLETED)
+        await asyncio.wait(waits, timeout=timeout_s, return_when=asyncio.FIRST_COMPLETED)
     finally:
-        for t in tasks:
+        for t in waits:
             t.cancel()

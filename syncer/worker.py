@@ -21,7 +21,7 @@ from typing import Any
 
 import asyncpg
 
-from syncer.capture import Listener, _wait_any
+from syncer.capture import Listener, wait_first
 from syncer.config import Config, PipelineConfig, ProviderConfig, WorkerConfig
 from syncer.db import connect_kwargs
 from syncer.embed import Embedder, EmbedRequest, Vectors, backoff_s
@@ -181,12 +181,12 @@ class PipelineRunner:
                 # Open breaker, 429 pause or a refusing provider: claim nothing meanwhile.
                 if exit_when_idle and self.embedder.refused_error:
                     raise ProviderPaused(self.embedder.refused_error)
-                await _wait_any(stop, wait_s)
+                await wait_first(stop, timeout_s=wait_s)
                 continue
             free = self.capacity - len(self.in_flight)
             if free < self.claim_min and self.in_flight:
                 self.slot_freed.clear()
-                await _wait_first(stop, self.slot_freed)
+                await wait_first(stop, self.slot_freed)
                 continue
             self.wakeup.clear()
             items = await self.queue.claim(self.p.name, free)
@@ -204,7 +204,7 @@ class PipelineRunner:
                 # The last items finishing may leave nothing to do: look again then.
                 self.slot_freed.clear()
                 wake.append(self.slot_freed)
-            await _wait_first(*wake, timeout_s=await self._poll_s(exit_when_idle))
+            await wait_first(*wake, timeout_s=await self._poll_s(exit_when_idle))
 
     async def _idle(self) -> bool:
         return await self.queue.pending([self.p.name]) == 0
@@ -410,15 +410,6 @@ class PipelineRunner:
         while True:
             await asyncio.sleep(self.wcfg.lease_s / 3)
             await self.queue.extend(sorted(self.in_flight))
-
-
-async def _wait_first(*events: asyncio.Event, timeout_s: float | None = None) -> None:
-    waits = [asyncio.create_task(e.wait()) for e in events]
-    try:
-        await asyncio.wait(waits, timeout=timeout_s, return_when=asyncio.FIRST_COMPLETED)
-    finally:
-        for t in waits:
-            t.cancel()
 
 
 async def _supervise(main: asyncio.Future[Any], helpers: list[asyncio.Task[None]]) -> None:
