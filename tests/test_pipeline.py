@@ -261,3 +261,19 @@ def test_bulk_update_after_a_single_row_update_stays_linear(
     db.execute("SET statement_timeout = '20s'")  # quadratic takes minutes; linear well under 1 s
     db.execute("UPDATE docs SET title = title || '!'")
     assert db.execute("SELECT count(*) FROM syncer.queue").fetchone() == (20000,)
+
+
+def test_row_deleted_before_it_was_processed(
+    db: psycopg.Connection[Any], make_config: Any, fake: FakeEmbedderProcess
+) -> None:
+    create_docs(db)
+    config = make_config()
+    assert syncer(config, "install").returncode == 0
+    db.execute("INSERT INTO docs VALUES (1, 'gone soon', NULL, NULL), (2, 'stays', NULL, NULL)")
+    db.execute("DELETE FROM docs WHERE id = 1")
+    r = syncer(config, "run", "--exit-when-idle")
+    assert r.returncode == 0, r.stderr
+    assert fake.inputs() == ["stays"]  # nothing to embed for the deleted row, and no error
+    assert db.execute("SELECT count(*) FROM syncer.dead_letters").fetchone() == (0,)
+    assert db.execute("SELECT count(*) FROM syncer.queue").fetchone() == (0,)
+    assert_synced(db)
