@@ -11,7 +11,7 @@ from collections.abc import Callable, Coroutine
 from pathlib import Path
 from typing import Any
 
-from bench import capture_cost, latency, report, throughput
+from bench import capture_cost, faults, latency, quota, report, throughput
 from bench.harness import TEMPLATE, Harness
 from bench.report import Result
 
@@ -23,6 +23,8 @@ SCENARIOS: dict[str, Scenario] = {
     "capture_cost": capture_cost.run,
     "memory": throughput.memory,
     "uvloop": throughput.event_loops,
+    "quota": quota.run,
+    "faults": faults.run,
 }
 
 

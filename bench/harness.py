@@ -40,6 +40,8 @@ class Pipeline:
     dimensions: int = 1536
     batch_size: int = 64
     max_concurrency: int = 8
+    rpm: int | None = None  # the provider's limits (syncer's config); None: no limit
+    tpm: int | None = None
 
 
 class Harness:
@@ -108,10 +110,14 @@ class Harness:
 
     def write_config(self, url: str, p: Pipeline, table: str = "public.docs") -> Path:
         path = self.workdir / f"syncer-{next(self._ids)}.toml"
+        limits = "".join(
+            f"{name} = {value}\n" for name, value in (("rpm", p.rpm), ("tpm", p.tpm)) if value
+        )
         path.write_text(
             f"[database]\nurl = {_q(url)}\n\n"
             f'[providers.fake]\nkind = "openai"\nbase_url = {_q(self.fake.url)}\n'
-            f"api_key_env = {_q(API_KEY_ENV)}\nmax_concurrency = {p.max_concurrency}\n\n"
+            f"api_key_env = {_q(API_KEY_ENV)}\nmax_concurrency = {p.max_concurrency}\n"
+            f"{limits}\n"
             f'[[pipelines]]\nname = "docs"\ntable = {_q(table)}\ntext = ["body"]\n'
             f'provider = "fake"\nmodel = {_q(MODEL)}\ndimensions = {p.dimensions}\n'
             f"batch_size = {p.batch_size}\n",

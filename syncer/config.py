@@ -70,7 +70,7 @@ class WorkerConfig(_Model):
     max_attempts: int = Field(default=5, ge=1)
     max_retries: int = Field(default=4, ge=0)  # in-process retries of one request
     item_deadline_s: float = Field(default=120.0, gt=0)  # for one batch, across its retries
-    retry_base_s: float = Field(default=1.0, gt=0)
+    retry_base_s: float = Field(default=0.25, gt=0)  # first retry within 0-0.25 s, doubling
     retry_max_s: float = Field(default=300.0, gt=0)
     shutdown_timeout_s: float = Field(default=30.0, gt=0)
     in_flight_batches: int = Field(default=4, ge=1, le=64)

@@ -133,9 +133,9 @@ class OpenAIEmbedder:
             raise CircuitOpenError(
                 f"provider {self.name}: circuit open after: {self._last_error}", wait_s
             )
-        async with self.limiter.slot(req.tokens):
+        async with self.limiter.slot(req.tokens) as reservation:
             try:
-                vectors = await self._post_with_fallback(req)
+                vectors, used_tokens = await self._post_with_fallback(req)
             except RateLimitedError as err:
                 self.limiter.on_rate_limited(err.retry_after_s)
                 raise
@@ -158,6 +158,8 @@ class OpenAIEmbedder:
             except InputError:
                 self.breaker.record_success()  # the provider is up; the input is bad
                 raise
+            if used_tokens is not None:
+                reservation.settle(used_tokens)
             self._dimension_errors = 0
             self.refused_error = None
             self.limiter.on_success()
@@ -181,7 +183,7 @@ class OpenAIEmbedder:
         self.refused_until = time.monotonic() + self.cfg.breaker_reset_s
         self.refused_error = str(err)
 
-    async def _post_with_fallback(self, req: EmbedRequest) -> Vectors:
+    async def _post_with_fallback(self, req: EmbedRequest) -> tuple[Vectors, int | None]:
         try:
             return await self._post(req)
         except InputError as err:
@@ -190,7 +192,8 @@ class OpenAIEmbedder:
                 return await self._post(req)
             raise
 
-    async def _post(self, req: EmbedRequest) -> Vectors:
+    async def _post(self, req: EmbedRequest) -> tuple[Vectors, int | None]:
+        """The vectors, and the tokens the provider says it counted (if it says)."""
         body: dict[str, Any] = {"model": req.model, "input": list(req.texts)}
         if req.send_dimensions:
             body["dimensions"] = req.dimensions
@@ -236,7 +239,7 @@ class OpenAIEmbedder:
         except (orjson.JSONDecodeError, AttributeError, KeyError, TypeError):
             return self._scrub(raw[:200].decode("utf-8", "replace"))
 
-    def _decode(self, raw: bytes, req: EmbedRequest) -> Vectors:
+    def _decode(self, raw: bytes, req: EmbedRequest) -> tuple[Vectors, int | None]:
         try:
             doc = orjson.loads(raw)
             data = doc["data"]
@@ -244,7 +247,14 @@ class OpenAIEmbedder:
                 raise TypeError("data is not a list")
         except (orjson.JSONDecodeError, KeyError, TypeError) as err:
             raise RetryableError(f"provider {self.name}: malformed answer ({err})") from None
-        return decode_embeddings(self.name, data, len(req.texts), req.dimensions)
+        vectors = decode_embeddings(self.name, data, len(req.texts), req.dimensions)
+        return vectors, _usage_tokens(doc)
+
+
+def _usage_tokens(doc: Any) -> int | None:
+    usage = doc.get("usage") if isinstance(doc, dict) else None
+    n = usage.get("prompt_tokens") if isinstance(usage, dict) else None
+    return n if isinstance(n, int) and n >= 0 else None
 
 
 def decode_embeddings(provider: str, data: list[Any], n: int, dim: int) -> Vectors:

@@ -32,6 +32,7 @@ breaker_log = logging.getLogger("syncer.breaker")
 
 Clock = Callable[[], float]
 WINDOW_S = 60.0  # RPM and TPM are per minute
+LIMIT_WINDOW_S = WINDOW_S + 1.0  # what we count over: see _Window
 MAX_PAUSE_S = 60.0  # longest pause from our own backoff or from rate-limit headers
 MAX_RETRY_AFTER_S = 600.0  # a longer Retry-After is left to the worker's retry delay
 RECOVERY_STEP = 0.05  # additive increase: 5 % of the configured rate per round of requests
@@ -165,15 +166,19 @@ def parse_duration(value: str) -> float | None:
 
 
 class _Window:
-    """What started in the last WINDOW_S seconds: an exact sliding log."""
+    """What started in the last minute (plus a margin): an exact sliding log.
+
+    The provider counts a request when it arrives, a moment after we count it: without the
+    margin the first request of a new minute can reach it while the old one is still full.
+    """
 
     def __init__(self) -> None:
-        self._log: deque[tuple[float, float]] = deque()
+        self._log: deque[list[float]] = deque()  # [started, amount]
         self.total = 0.0
 
     def wait_s(self, now: float, amount: float, limit: float) -> float:
         """0 if amount fits under limit now, else the seconds until enough has left."""
-        while self._log and self._log[0][0] + WINDOW_S <= now:
+        while self._log and self._log[0][0] + LIMIT_WINDOW_S <= now:
             self.total -= self._log.popleft()[1]
         # More than the whole limit can never fit: it waits for an empty window instead.
         excess = self.total + min(amount, limit) - limit
@@ -182,12 +187,20 @@ class _Window:
         for started, n in self._log:
             excess -= n
             if excess <= 0:
-                return started + WINDOW_S - now
-        return self._log[-1][0] + WINDOW_S - now  # only float drift gets here
+                return started + LIMIT_WINDOW_S - now
+        return self._log[-1][0] + LIMIT_WINDOW_S - now  # only float drift gets here
 
-    def add(self, now: float, amount: float) -> None:
-        self._log.append((now, amount))
+    def add(self, now: float, amount: float) -> list[float]:
+        entry = [now, amount]
+        self._log.append(entry)
         self.total += amount
+        return entry
+
+    def settle(self, entry: list[float], amount: float) -> None:
+        """Replace an estimate by what the provider counted (if it is still in the log)."""
+        if self._log and entry[0] >= self._log[0][0]:
+            self.total += amount - entry[1]
+        entry[1] = amount
 
 
 @dataclass
@@ -206,6 +219,17 @@ class _Budget:
             return self.reset_at - now
         ready_at = self.seen_at + (need - self.remaining) / self.refill_per_s
         return max(0.0, min(ready_at, self.reset_at) - now)
+
+
+@dataclass(frozen=True)
+class Reservation:
+    """A started request's share of the TPM window."""
+
+    limiter: ProviderLimiter
+    entry: list[float] | None
+
+    def settle(self, tokens: int) -> None:
+        self.limiter._settle(self.entry, tokens)
 
 
 class ProviderLimiter:
@@ -266,27 +290,31 @@ class ProviderLimiter:
         return until
 
     @contextlib.asynccontextmanager
-    async def slot(self, tokens: int) -> AsyncIterator[None]:
-        """Wait for a concurrency slot, RPM and TPM room, and the end of any pause."""
+    async def slot(self, tokens: int) -> AsyncIterator[Reservation]:
+        """Wait for a concurrency slot, RPM and TPM room, and the end of any pause.
+
+        The estimated tokens are counted against TPM at the start; `settle()` on the
+        reservation replaces them by the provider's own count once it answers, so an
+        estimate that errs high does not leave the quota unused.
+        """
         self.waiting += 1
         try:
-            await self._wait_turn(max(0, tokens))
+            entry = await self._wait_turn(max(0, tokens))
         finally:
             self.waiting -= 1
         try:
-            yield
+            yield Reservation(self, entry)
         finally:
             self.in_flight -= 1
             self._changed.set()
 
-    async def _wait_turn(self, tokens: int) -> None:
+    async def _wait_turn(self, tokens: int) -> list[float] | None:
         async with self._gate:
             while True:
                 self._changed.clear()
                 wait_s = self._wait_s(tokens)
                 if wait_s == 0.0:
-                    self._admit(tokens)
-                    return
+                    return self._admit(tokens)
                 timeout_s = None if wait_s is None else max(wait_s, _MIN_WAIT_S)
                 with contextlib.suppress(TimeoutError):
                     async with asyncio.timeout(timeout_s):
@@ -305,17 +333,24 @@ class ProviderLimiter:
             waits.append(self._tokens.wait_s(now, tokens, tpm))
         return max(waits)
 
-    def _admit(self, tokens: int) -> None:
+    def _admit(self, tokens: int) -> list[float] | None:
         now = self._clock()
+        entry = None
         if self.rpm is not None:
             self._requests.add(now, 1)
         if self.tpm is not None:
-            self._tokens.add(now, tokens)
+            entry = self._tokens.add(now, tokens)
         for kind, budget in self._budgets.items():
             budget.remaining -= tokens if kind == "tokens" else 1
         self.in_flight += 1
         self.started += 1
         self.tokens_started += tokens
+        return entry
+
+    def _settle(self, entry: list[float] | None, tokens: int) -> None:
+        if entry is not None:
+            self._tokens.settle(entry, tokens)
+            self._changed.set()
 
     def on_rate_limited(self, retry_after_s: float | None) -> None:
         """A 429: pause every sender, and halve the effective limits once per episode."""

@@ -170,6 +170,14 @@ class PipelineRunner:
             claimer.cancel()
 
     async def _soft_stop(self) -> None:
+        # Batches not yet sent go back at once (another replica may take them); the
+        # deadline is for the requests already on their way.
+        unsent: list[int] = []
+        while not self.embed_q.empty():
+            unsent += self.embed_q.get_nowait().all_ids()
+        if unsent:
+            await self.queue.release(unsent)
+            self._finish(unsent)
         with contextlib.suppress(TimeoutError):
             async with asyncio.timeout(self.wcfg.shutdown_timeout_s):
                 await self._wait_drained()
