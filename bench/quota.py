@@ -110,7 +110,7 @@ def _judge(result: Result, kind: str, limit: int, log: list[dict[str, Any]], qui
             "tpm: syncer's estimate / fake's count",
             ratio,
             "x",
-            f"so at most {100 / ratio:.0f} % of the quota by the fake's count",
+            "reserved up front, then settled to the provider's usage count",
         )
     limited = sum(1 for e in log if e["status"] == 429)
     note = f"{limited} of {len(log)} requests; served over {span:.1f} s"

@@ -33,6 +33,7 @@ breaker_log = logging.getLogger("syncer.breaker")
 Clock = Callable[[], float]
 WINDOW_S = 60.0  # RPM and TPM are per minute
 LIMIT_WINDOW_S = WINDOW_S + 1.0  # what we count over: see _Window
+PACE_BURST_S = 1.0  # how far ahead of an even pace requests and tokens may start
 MAX_PAUSE_S = 60.0  # longest pause from our own backoff or from rate-limit headers
 MAX_RETRY_AFTER_S = 600.0  # a longer Retry-After is left to the worker's retry delay
 RECOVERY_STEP = 0.05  # additive increase: 5 % of the configured rate per round of requests
@@ -257,6 +258,11 @@ class ProviderLimiter:
         self._gate = asyncio.Lock()  # FIFO: its holder is the next request to start
         self._changed = asyncio.Event()  # a slot was freed or a limit raised
         self._requests, self._tokens = _Window(), _Window()
+        # Even pacing (GCRA): the clock time each stream is "due" at; a start may run at
+        # most PACE_BURST_S ahead of it. Without it the quota goes out in a burst at the
+        # start of each minute, and a provider's sliding window then sees minutes that are
+        # partly idle — and a burst is what trips provider-side limits first.
+        self._request_due = self._token_due = 0.0
         self._budgets: dict[str, _Budget] = {}
         self._factor = 1.0
         self._paused_until = 0.0
@@ -329,17 +335,21 @@ class ProviderLimiter:
         waits += [b.wait_s(now, tokens if k == "tokens" else 1) for k, b in self._budgets.items()]
         if (rpm := self.effective_rpm) is not None:
             waits.append(self._requests.wait_s(now, 1, rpm))
+            waits.append(self._request_due - PACE_BURST_S - now)
         if (tpm := self.effective_tpm) is not None:
             waits.append(self._tokens.wait_s(now, tokens, tpm))
+            waits.append(self._token_due - PACE_BURST_S - now)
         return max(waits)
 
     def _admit(self, tokens: int) -> list[float] | None:
         now = self._clock()
         entry = None
-        if self.rpm is not None:
+        if (rpm := self.effective_rpm) is not None:
             self._requests.add(now, 1)
-        if self.tpm is not None:
+            self._request_due = max(self._request_due, now) + WINDOW_S / rpm
+        if (tpm := self.effective_tpm) is not None:
             entry = self._tokens.add(now, tokens)
+            self._token_due = max(self._token_due, now) + tokens * WINDOW_S / tpm
         for kind, budget in self._budgets.items():
             budget.remaining -= tokens if kind == "tokens" else 1
         self.in_flight += 1
@@ -349,6 +359,8 @@ class ProviderLimiter:
 
     def _settle(self, entry: list[float] | None, tokens: int) -> None:
         if entry is not None:
+            if (tpm := self.effective_tpm) is not None:
+                self._token_due -= (entry[1] - tokens) * WINDOW_S / tpm
             self._tokens.settle(entry, tokens)
             self._changed.set()
 
