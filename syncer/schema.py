@@ -36,7 +36,6 @@ class PipelineSQL:
 
     name: str
     statements: dict[str, str]
-    key_columns: tuple[Column, ...]
 
     def __getitem__(self, name: str) -> str:
         return self.statements[name]
@@ -114,7 +113,7 @@ def render(p: PipelineConfig, key_columns: tuple[Column, ...]) -> PipelineSQL:
             out["backfill_next"] = template.format(**values, after=after_next)
         else:
             out[name] = template.format(**values)
-    return PipelineSQL(p.name, out, key_columns)
+    return PipelineSQL(p.name, out)
 
 
 # --- introspection -------------------------------------------------------------------------
