@@ -56,7 +56,8 @@ class Drain:
 
 
 async def prepare(h: Harness, rows: int, p: Pipeline, seed: int) -> Backlog:
-    """A fresh database with `rows` rows queued by the capture triggers, nothing embedded."""
+    """A fresh database with `rows` rows captured by the triggers (in syncer.inbox, where
+    writes made while no worker runs wait), nothing embedded."""
     url = h.new_database()
     config = h.write_config(url, p)
     conn = await h.connect(url)
@@ -65,10 +66,10 @@ async def prepare(h: Harness, rows: int, p: Pipeline, seed: int) -> Backlog:
         await asyncio.to_thread(h.install, config)
         records = [(i + 1, body) for i, body in enumerate(texts(rows, seed))]
         await conn.copy_records_to_table("docs", records=records, columns=["id", "body"])
-        queued = await conn.fetchval("SELECT count(*) FROM syncer.queue")
-        if queued != rows:
-            raise RuntimeError(f"capture queued {queued} items for {rows} rows")
-        for table in ("docs", "syncer.queue"):
+        captured = await conn.fetchval("SELECT count(*) FROM syncer.inbox")
+        if captured != rows:
+            raise RuntimeError(f"capture took {captured} keys for {rows} rows")
+        for table in ("docs", "syncer.inbox", "syncer.queue"):
             await conn.execute(f"VACUUM ANALYZE {table}")
     finally:
         await conn.close()

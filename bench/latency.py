@@ -89,7 +89,9 @@ def _report(seq: list[float], polled: list[float], paced: list[float]) -> Result
 
 async def _wait_caught_up(conn: asyncpg.Connection) -> None:
     deadline = time.monotonic() + 300
-    while await conn.fetchval("SELECT count(*) FROM syncer.queue"):
+    while await conn.fetchval(
+        "SELECT (SELECT count(*) FROM syncer.queue) + (SELECT count(*) FROM syncer.inbox)"
+    ):
         if time.monotonic() > deadline:
             raise RuntimeError("the syncer did not catch up with the backlog")
         await asyncio.sleep(0.05)

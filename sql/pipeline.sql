@@ -16,41 +16,38 @@ LANGUAGE sql STABLE PARALLEL SAFE
 RETURN pg_catalog.sha256(pg_catalog.convert_to({fingerprint} || {text_fn}(s), 'UTF8'));
 
 -- capture_insert_function --
+-- Statement-level: one INSERT … SELECT into the inbox for the whole statement, however
+-- many rows it wrote. The NOTIFY is skipped while a worker is awake (see syncer.awake_until).
 CREATE OR REPLACE FUNCTION {capture_insert_fn}() RETURNS trigger
 LANGUAGE plpgsql SECURITY DEFINER SET search_path = pg_catalog, pg_temp AS $syncer$
 BEGIN
-    INSERT INTO syncer.queue (pipeline, key)
+    INSERT INTO syncer.inbox (pipeline, key)
     SELECT {pipeline}, {key_json_n} FROM syncer_new n WHERE {text_fn}(n) IS NOT NULL;
-    IF FOUND THEN
-        PERFORM pg_notify('syncer', {pipeline});
+    IF FOUND AND {nobody_awake} THEN
+        PERFORM pg_notify('syncer_inbox', {pipeline});
     END IF;
     RETURN NULL;
 END
 $syncer$;
 
 -- capture_update_function --
--- Only a change of the composed text (or of the key) is work; syncer's own vector
--- writes set syncer.writing and are skipped before the transition tables are joined.
--- PL/pgSQL caches the join's plan from the first call: after a one-row UPDATE it would
--- keep a nested loop, quadratic for a later bulk UPDATE. Without nested loops the cached
--- plan is a hash join, linear at every size.
+-- Row-level, behind the trigger's WHEN: an UPDATE that leaves the text columns and the key
+-- alone (an unrelated column, syncer's own vector writes) never calls it and captures
+-- nothing, not even a transition table. A key change queues the old key too (its vector
+-- must go). syncer.writing guards against a user's BEFORE trigger that rewrites the text
+-- on every update, which would otherwise make each vector write queue the row again.
 CREATE OR REPLACE FUNCTION {capture_update_fn}() RETURNS trigger
-LANGUAGE plpgsql SECURITY DEFINER
-SET search_path = pg_catalog, pg_temp SET enable_nestloop = off AS $syncer$
+LANGUAGE plpgsql SECURITY DEFINER SET search_path = pg_catalog, pg_temp AS $syncer$
 BEGIN
     IF current_setting('syncer.writing', true) = 'on' THEN
         RETURN NULL;
     END IF;
-    INSERT INTO syncer.queue (pipeline, key)
-    SELECT {pipeline}, {key_json_n}
-    FROM syncer_new n LEFT JOIN syncer_old o ON {key_eq_n_o}
-    WHERE {key_first_o} IS NULL OR {text_fn}(n) IS DISTINCT FROM {text_fn}(o)
-    UNION ALL
-    SELECT {pipeline}, {key_json_o}
-    FROM syncer_old o
-    WHERE NOT EXISTS (SELECT FROM syncer_new n WHERE {key_eq_n_o});
-    IF FOUND THEN
-        PERFORM pg_notify('syncer', {pipeline});
+    INSERT INTO syncer.inbox (pipeline, key) VALUES ({pipeline}, {key_json_new});
+    IF {key_changed} THEN
+        INSERT INTO syncer.inbox (pipeline, key) VALUES ({pipeline}, {key_json_old});
+    END IF;
+    IF {nobody_awake} THEN
+        PERFORM pg_notify('syncer_inbox', {pipeline});
     END IF;
     RETURN NULL;
 END
@@ -60,9 +57,9 @@ $syncer$;
 CREATE OR REPLACE FUNCTION {capture_delete_fn}() RETURNS trigger
 LANGUAGE plpgsql SECURITY DEFINER SET search_path = pg_catalog, pg_temp AS $syncer$
 BEGIN
-    INSERT INTO syncer.queue (pipeline, key) SELECT {pipeline}, {key_json_o} FROM syncer_old o;
-    IF FOUND THEN
-        PERFORM pg_notify('syncer', {pipeline});
+    INSERT INTO syncer.inbox (pipeline, key) SELECT {pipeline}, {key_json_o} FROM syncer_old o;
+    IF FOUND AND {nobody_awake} THEN
+        PERFORM pg_notify('syncer_inbox', {pipeline});
     END IF;
     RETURN NULL;
 END
@@ -74,9 +71,10 @@ REFERENCING NEW TABLE AS syncer_new
 FOR EACH STATEMENT EXECUTE FUNCTION {capture_insert_fn}();
 
 -- capture_update_trigger --
-CREATE OR REPLACE TRIGGER {update_trigger} AFTER UPDATE ON {src}
-REFERENCING OLD TABLE AS syncer_old NEW TABLE AS syncer_new
-FOR EACH STATEMENT EXECUTE FUNCTION {capture_update_fn}();
+-- Dropped first: version 1 made this a statement-level trigger.
+DROP TRIGGER IF EXISTS {update_trigger} ON {src};
+CREATE TRIGGER {update_trigger} AFTER UPDATE ON {src}
+FOR EACH ROW WHEN ({text_or_key_changed}) EXECUTE FUNCTION {capture_update_fn}();
 
 -- capture_delete_trigger --
 CREATE OR REPLACE TRIGGER {delete_trigger} AFTER DELETE ON {src}

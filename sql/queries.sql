@@ -20,6 +20,44 @@ FROM claimable c
 WHERE q.id = c.id
 RETURNING q.id, q.key::text, q.attempts;
 
+-- inbox_move --
+-- Up to $1 captured keys from the inbox to the queue in one statement, duplicates folded
+-- (a row updated ten times since the last move is one item). SKIP LOCKED: workers move side
+-- by side. Returns the items each pipeline got; the NOTIFY wakes claimers in other
+-- processes once this commits. No row: the inbox was empty; taken < $1: it is now.
+WITH moved AS (
+    DELETE FROM syncer.inbox
+    WHERE ctid = ANY (ARRAY(SELECT ctid FROM syncer.inbox LIMIT $1 FOR UPDATE SKIP LOCKED))
+    RETURNING pipeline, key
+), queued AS (
+    INSERT INTO syncer.queue (pipeline, key)
+    SELECT DISTINCT pipeline, key FROM moved
+    RETURNING pipeline
+), counted AS (
+    SELECT pipeline, count(*)::int AS queued FROM queued GROUP BY pipeline
+)
+SELECT c.pipeline, c.queued, (SELECT count(*) FROM moved)::int AS taken,
+       (SELECT 1 FROM pg_notify('syncer', c.pipeline)) AS notified
+FROM counted c;
+
+-- awake_set --
+-- Tell the capture triggers a worker is awake for $1 more seconds (0: asleep), on the
+-- database's clock.
+SELECT setval('syncer.awake_until',
+              CASE WHEN $1::float8 > 0
+                   THEN ceil(extract(epoch FROM clock_timestamp()) + $1::float8)::bigint
+                   ELSE 0 END);
+
+-- snapshot_now --
+SELECT pg_current_snapshot()::text;
+
+-- snapshot_passed --
+-- Has every transaction in progress at snapshot $1 ended?
+SELECT NOT EXISTS (
+    SELECT FROM pg_snapshot_xip($1::text::pg_snapshot) AS x
+    WHERE NOT pg_visible_in_snapshot(x, pg_current_snapshot())
+);
+
 -- queue_complete --
 DELETE FROM syncer.queue WHERE id = ANY($1::bigint[]);
 
@@ -60,8 +98,9 @@ SELECT pipeline, key, error_class, error, attempts, coalesce(first_failed_at, no
 FROM moved;
 
 -- queue_pending --
--- How many items of these pipelines are still queued, leased or waiting for a retry.
-SELECT count(*) FROM syncer.queue WHERE pipeline = ANY($1::text[]);
+-- How many items of these pipelines are still captured, queued, leased or waiting for a retry.
+SELECT (SELECT count(*) FROM syncer.queue WHERE pipeline = ANY($1::text[]))
+     + (SELECT count(*) FROM syncer.inbox WHERE pipeline = ANY($1::text[]));
 
 -- queue_next_ready --
 -- Seconds until the next item of these pipelines can be claimed (NULL: none queued).

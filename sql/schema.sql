@@ -1,4 +1,5 @@
--- The whole current schema of syncer's own objects (version 1). Idempotent.
+-- The whole current schema of syncer's own objects (version 2). Idempotent: running it
+-- over version 1 upgrades it.
 -- Per-pipeline objects (text/hash functions, capture triggers) live in pipeline.sql.
 
 CREATE SCHEMA IF NOT EXISTS syncer;
@@ -21,8 +22,21 @@ CREATE TABLE IF NOT EXISTS syncer.pipelines (
     updated_at     timestamptz NOT NULL DEFAULT now()
 );
 
--- Insert-only for producers: a user's write never waits on a worker's row lock.
--- No foreign key and few indexes: every captured row costs one insert here.
+-- Where the capture triggers put keys, inside the user's transaction. Built to make that
+-- insert as cheap as an insert can be: no index, no identity, no defaults, no foreign key.
+-- Workers move its rows to syncer.queue in bulk (inbox_move) and work from there.
+CREATE TABLE IF NOT EXISTS syncer.inbox (
+    pipeline text NOT NULL,
+    key      jsonb NOT NULL
+);
+
+-- Until when (epoch seconds) some worker is awake and will look at the inbox again before
+-- it sleeps; 0: none is. A sequence because setval is seen by every session at once,
+-- outside transactions, and reading it takes no lock: the triggers read it to skip a
+-- NOTIFY (and its commit-time lock) while a worker is draining anyway.
+CREATE SEQUENCE IF NOT EXISTS syncer.awake_until MINVALUE 0 START 0;
+
+-- Leases, retries and attempts: the worker's side. Users' writes never touch it.
 CREATE TABLE IF NOT EXISTS syncer.queue (
     id              bigint GENERATED ALWAYS AS IDENTITY PRIMARY KEY,
     pipeline        text NOT NULL,
@@ -49,4 +63,4 @@ CREATE TABLE IF NOT EXISTS syncer.dead_letters (
 );
 CREATE INDEX IF NOT EXISTS dead_letters_pipeline ON syncer.dead_letters (pipeline, error_class);
 
-INSERT INTO syncer.schema_version (version) VALUES (1) ON CONFLICT DO NOTHING;
+INSERT INTO syncer.schema_version (version) VALUES (2) ON CONFLICT DO NOTHING;

@@ -93,8 +93,14 @@ async def backfill(
 
 async def checked_pipeline(conn: asyncpg.Connection, p: PipelineConfig) -> PipelineSQL:
     """The pipeline's SQL, after checking that install ran with this very configuration."""
-    if await schema.installed_version(conn) is None:
+    version = await schema.installed_version(conn)
+    if version is None:
         raise SchemaError("syncer is not installed in this database: run `syncer install` first")
+    if version < schema.SCHEMA_VERSION:
+        raise SchemaError(
+            f"syncer's objects in this database are version {version}, this syncer needs "
+            f"{schema.SCHEMA_VERSION}: run `syncer install` again to upgrade them"
+        )
     row = await conn.fetchrow(query("pipeline_get"), p.name)
     if row is None:
         raise SchemaError(f"pipeline {p.name!r} is not installed: run `syncer install`")
@@ -164,7 +170,8 @@ async def status(cfg: Config) -> list[asyncpg.Record]:
             )
         return await conn.fetch(
             """SELECT p.name,
-                      count(q.id) AS queued,
+                      count(q.id) + (SELECT count(*) FROM syncer.inbox i WHERE i.pipeline = p.name)
+                          AS queued,
                       count(q.id) FILTER (WHERE q.leased_until > now()) AS in_progress,
                       count(q.id) FILTER (WHERE q.not_before > now()) AS waiting_retry,
                       extract(epoch FROM now() - min(q.enqueued_at)) AS oldest_s,

@@ -1,30 +1,56 @@
-"""Trigger-mode capture, worker side: LISTEN for wake-ups, with polling as the fallback.
+"""Trigger-mode capture, worker side: LISTEN for wake-ups, and move captured keys from the
+inbox to the queue.
 
-The triggers themselves (installed by syncer.schema) put keys in the queue inside the
-user's transaction; a NOTIFY only wakes workers early, so a lost one only delays.
+The triggers (installed by syncer.schema) put keys in syncer.inbox inside the user's
+transaction, the cheapest durable write there is. A NOTIFY only wakes workers early, so a
+lost one only delays; the triggers even skip it while a worker says it is awake
+(syncer.awake_until), because NOTIFY serialises the commits of every notifying transaction.
+
+Skipping is safe because of the order in which a mover goes to sleep:
+1. it clears syncer.awake_until: from then on every trigger notifies;
+2. it takes a snapshot: every transaction that saw it awake has already inserted its keys
+   (the trigger reads the flag after its insert), so it is either committed or in that
+   snapshot's in-progress list;
+3. it waits until those transactions have ended, moves the inbox once more, and sleeps.
 """
 
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import logging
+import time
 from collections.abc import Mapping
 from typing import Any
 
 import asyncpg
 
+from syncer.sqlfiles import query
+
 log = logging.getLogger("syncer.capture")
-CHANNEL = "syncer"
+CHANNEL = "syncer"  # payload: a pipeline whose queue has new items
+INBOX_CHANNEL = "syncer_inbox"  # payload: a pipeline whose rows were captured
+
+MOVE_CHUNK = 5000  # inbox rows per move statement
+AWAKE_POLL_S = 0.005  # while awake, the inbox is looked at this often
+LINGER_S = 0.1  # awake this long after the last captured row, then to sleep
+AWAKE_LEASE_S = 10.0  # a crashed worker's "awake" expires after this
+PASSED_POLL_MAX_S = 0.2  # the longest wait between looks at step 3's transactions
 
 
 class Listener:
-    """One dedicated connection LISTENing on the `syncer` channel; reconnects when lost."""
+    """One dedicated connection LISTENing on syncer's channels; reconnects when lost."""
 
     def __init__(
-        self, dsn: str, wakeups: Mapping[str, asyncio.Event], connect_kwargs: dict[str, Any]
+        self,
+        dsn: str,
+        wakeups: Mapping[str, asyncio.Event],
+        kick: asyncio.Event,
+        connect_kwargs: dict[str, Any],
     ) -> None:
         self.dsn = dsn
         self.wakeups = wakeups
+        self.kick = kick
         self.connect_kwargs = connect_kwargs
 
     def _on_notify(self, _conn: Any, _pid: int, _channel: str, payload: str) -> None:
@@ -32,7 +58,11 @@ class Listener:
         if event is not None:
             event.set()
 
+    def _on_capture(self, _conn: Any, _pid: int, _channel: str, _payload: str) -> None:
+        self.kick.set()
+
     def _wake_all(self) -> None:
+        self.kick.set()
         for event in self.wakeups.values():
             event.set()
 
@@ -51,12 +81,95 @@ class Listener:
             try:
                 conn.add_termination_listener(lambda _c, lost=lost: lost.set())
                 await conn.add_listener(CHANNEL, self._on_notify)
+                await conn.add_listener(INBOX_CHANNEL, self._on_capture)
                 # Notifications sent while we were not listening are lost: look once now.
                 self._wake_all()
                 await wait_first(stop, lost)
             finally:
                 if not conn.is_closed():
                     await conn.close(timeout=5)
+
+
+class InboxMover:
+    """Moves captured keys from syncer.inbox to syncer.queue and wakes the claimers.
+
+    Awake, it polls the inbox every AWAKE_POLL_S, so a steady stream of writes costs no
+    NOTIFY at all; LINGER_S after the last captured row it goes to sleep (in the order the
+    module's docstring gives) until a NOTIFY, or poll_s at the latest.
+    """
+
+    def __init__(
+        self,
+        pool: asyncpg.Pool,
+        wakeups: Mapping[str, asyncio.Event],
+        kick: asyncio.Event,
+        poll_s: float,
+    ) -> None:
+        self.pool = pool
+        self.wakeups = wakeups
+        self.kick = kick
+        self.poll_s = poll_s
+
+    async def run(self, stop: asyncio.Event) -> None:
+        while not stop.is_set():
+            self.kick.clear()
+            await self._set_awake(AWAKE_LEASE_S)
+            await self._stay_awake(stop)
+            if stop.is_set():
+                break
+            await self._set_awake(0)
+            snapshot = await self.pool.fetchval(query("snapshot_now"))
+            if not await self._wait_passed(stop, snapshot):
+                continue  # kicked (or stopping) meanwhile: awake again
+            self.kick.clear()
+            if await self.move_all():
+                continue
+            await wait_first(stop, self.kick, timeout_s=self.poll_s)
+        # Stopping: the triggers must notify again (the other workers may be asleep).
+        with contextlib.suppress(OSError, asyncpg.PostgresError, asyncpg.InterfaceError):
+            await self._set_awake(0)
+
+    async def _stay_awake(self, stop: asyncio.Event) -> None:
+        last_rows = renewed = time.monotonic()
+        while not stop.is_set():
+            n = await self.move_all()
+            now = time.monotonic()
+            if n:
+                last_rows = now
+            elif now - last_rows >= LINGER_S:
+                return
+            if now - renewed >= AWAKE_LEASE_S / 3:
+                await self._set_awake(AWAKE_LEASE_S)
+                renewed = now
+            self.kick.clear()
+            await wait_first(stop, self.kick, timeout_s=AWAKE_POLL_S)
+
+    async def _wait_passed(self, stop: asyncio.Event, snapshot: str) -> bool:
+        """Wait until every transaction in progress at `snapshot` has ended; False if a
+        NOTIFY or a stop came first."""
+        delay_s = 0.001
+        while not await self.pool.fetchval(query("snapshot_passed"), snapshot):
+            await wait_first(stop, self.kick, timeout_s=delay_s)
+            if stop.is_set() or self.kick.is_set():
+                return False
+            delay_s = min(delay_s * 2, PASSED_POLL_MAX_S)
+        return True
+
+    async def _set_awake(self, seconds: float) -> None:
+        await self.pool.execute(query("awake_set"), seconds)
+
+    async def move_all(self) -> int:
+        """Move everything the inbox holds now; returns how many items were queued."""
+        total = 0
+        while True:
+            rows = await self.pool.fetch(query("inbox_move"), MOVE_CHUNK)
+            for r in rows:
+                total += r["queued"]
+                event = self.wakeups.get(r["pipeline"])
+                if event is not None:
+                    event.set()
+            if not rows or rows[0]["taken"] < MOVE_CHUNK:
+                return total
 
 
 async def wait_first(*events: asyncio.Event, timeout_s: float | None = None) -> None:

@@ -55,15 +55,15 @@ RETITLE = "UPDATE {t} SET title = 'HNSW or IVFFlat: choosing a vector index' WHE
 # (label, why, SQL run in one transaction); {t} is the table, {n} the number of sample rows.
 # fmt: off
 STEPS = [
-    ("INSERT 3 articles (one statement)", "one queue insert and one NOTIFY per statement woke the worker",
+    ("INSERT 3 articles (one statement)", "one insert into the inbox for the statement; a NOTIFY woke the worker",
      "INSERT INTO {t} (id, title, body, views) SELECT id + {n}, title || ' (copy)', body, 0"
      " FROM {t} WHERE id <= 3"),
     ("UPDATE a title", "the title is part of the text (title, body): re-embedded", RETITLE),
     ("UPDATE views on every row", "views is not part of the text: the trigger queued nothing",
      "UPDATE {t} SET views = views + 1"),
     ("the same title UPDATE again", "the text did not change: nothing queued", RETITLE),
-    ("edit + undo in one transaction", "queued twice, but the worker found the text's hash equal"
-     " to the stored vector's: no call", "UPDATE {t} SET title = title || ' (draft)' WHERE id = 2;"
+    ("edit + undo in one transaction", "captured twice, folded into one item; its text's hash"
+     " equals the stored vector's: no call", "UPDATE {t} SET title = title || ' (draft)' WHERE id = 2;"
      " UPDATE {t} SET title = left(title, -8) WHERE id = 2"),
     ("DELETE an article", "the vector lived in the row and left with it: nothing queued",
      "DELETE FROM {t} WHERE id = 3"),

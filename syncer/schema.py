@@ -16,7 +16,7 @@ from psycopg import sql
 from syncer import sqlfiles
 from syncer.config import PipelineConfig, split_table
 
-SCHEMA_VERSION = 1
+SCHEMA_VERSION = 2
 
 
 class SchemaError(Exception):
@@ -65,6 +65,9 @@ def render(p: PipelineConfig, key_columns: tuple[Column, ...]) -> PipelineSQL:
     def fn(suffix: str) -> str:
         return _ident("syncer", f"{p.name}__{suffix}")
 
+    def changed(columns: list[str], cast: str = "") -> list[str]:
+        return [f"OLD.{_ident(c)}{cast} IS DISTINCT FROM NEW.{_ident(c)}{cast}" for c in columns]
+
     key_defs = ", ".join(f"{_ident(c.name)} {c.type}" for c in key_columns)
     table_target = p.target == "table"
     target_table = _ident(*split_table(p.target_table)) if p.target_table else ""
@@ -84,12 +87,20 @@ def render(p: PipelineConfig, key_columns: tuple[Column, ...]) -> PipelineSQL:
         "key_json_n": key_json("n"),
         "key_json_o": key_json("o"),
         "key_json_p": key_json("p"),
-        "key_eq_n_o": eq("n", "o"),
+        "key_json_new": key_json("NEW"),
+        "key_json_old": key_json("OLD"),
+        "key_changed": " OR ".join(changed(keys)),
+        # Compared as text: the composed text is made of the columns' text forms, and a
+        # column type without an equality operator (json) compares all the same.
+        "text_or_key_changed": " OR ".join(changed(list(p.text), "::text") + changed(keys)),
+        "nobody_awake": (
+            "coalesce(pg_sequence_last_value('syncer.awake_until'::regclass), 0)"
+            " < date_part('epoch', now())"
+        ),
         "key_eq_s_r": eq("s", "r"),
         "key_eq_s_i": eq("s", "i"),
         "key_eq_t_r": eq("t", "r"),
         "key_eq_s_t": eq("s", "t"),
-        "key_first_o": f"o.{_ident(keys[0])}",
         "key_first_s": f"s.{_ident(keys[0])}",
         "key_defs": key_defs,
         "key_cols": ", ".join(_ident(k) for k in keys),

@@ -1,8 +1,10 @@
-"""Wires claim → fetch → embed → write with bounded queues; stops softly, then hard.
+"""Wires inbox → claim → fetch → embed → write with bounded queues; stops softly, then hard.
 
 Per pipeline: one claimer (claims only as many items as there are free slots), a pool
 of embedding tasks (the provider's semaphore bounds requests in flight), one writer
-(coalesces results into one transaction) and a heartbeat that extends leases.
+(coalesces results into one transaction) and a heartbeat that extends leases. Per
+process: one LISTEN connection and one inbox mover (syncer.capture), which queues what the
+triggers captured and wakes the claimers.
 """
 
 from __future__ import annotations
@@ -21,7 +23,7 @@ from typing import Any
 
 import asyncpg
 
-from syncer.capture import Listener, wait_first
+from syncer.capture import InboxMover, Listener, wait_first
 from syncer.config import Config, PipelineConfig, ProviderConfig, WorkerConfig
 from syncer.db import connect_kwargs
 from syncer.embed import Embedder, EmbedRequest, Vectors, backoff_s
@@ -465,8 +467,13 @@ class Worker:
         ]
 
     async def run(self, stop: asyncio.Event, exit_when_idle: bool = False) -> None:
-        listener = Listener(self.cfg.database.url, self.wakeups, connect_kwargs())
-        listen_task = asyncio.create_task(listener.run(stop), name="listener")
+        kick = asyncio.Event()
+        listener = Listener(self.cfg.database.url, self.wakeups, kick, connect_kwargs())
+        mover = InboxMover(self.pool, self.wakeups, kick, self.cfg.worker.poll_interval_s)
+        helpers = [
+            asyncio.create_task(listener.run(stop), name="listener"),
+            asyncio.create_task(mover.run(stop), name="inbox-mover"),
+        ]
         runs = [
             asyncio.create_task(r.run(stop, exit_when_idle), name=r.p.name) for r in self.runners
         ]
@@ -475,11 +482,15 @@ class Worker:
             extra={"worker_id": self.worker_id, "pipelines": [r.p.name for r in self.runners]},
         )
         try:
-            await _supervise(asyncio.gather(*runs), [listen_task])
+            await _supervise(asyncio.gather(*runs), helpers)
         finally:
             stop.set()
             for t in runs:
                 t.cancel()
             await asyncio.gather(*runs, return_exceptions=True)
-            listen_task.cancel()
-            await asyncio.gather(listen_task, return_exceptions=True)
+            # The mover clears its "awake" on the way out; the listener just goes.
+            helpers[0].cancel()
+            with contextlib.suppress(TimeoutError):
+                await asyncio.wait_for(asyncio.shield(helpers[1]), timeout=2.0)
+            helpers[1].cancel()
+            await asyncio.gather(*helpers, return_exceptions=True)

@@ -44,7 +44,7 @@ def test_install_twice_changes_nothing(
     assert r.returncode == 0, r.stderr
     assert snapshot(db) == first
     assert db.execute("SELECT count(*) FROM syncer.queue").fetchone() == (0,)
-    assert db.execute("SELECT max(version) FROM syncer.schema_version").fetchone() == (1,)
+    assert db.execute("SELECT max(version) FROM syncer.schema_version").fetchone() == (2,)
 
 
 def test_writes_by_another_role_are_captured(
@@ -54,9 +54,10 @@ def test_writes_by_another_role_are_captured(
     create_docs(db)
     config = make_config()
     assert syncer(config, "install").returncode == 0
-    db.execute("CREATE ROLE writer NOSUPERUSER; GRANT INSERT, UPDATE ON docs TO writer")
+    db.execute("CREATE ROLE writer NOSUPERUSER; GRANT SELECT, INSERT, UPDATE ON docs TO writer")
     db.execute("SET ROLE writer; INSERT INTO docs VALUES (5, 'by writer', NULL, NULL); RESET ROLE")
-    assert db.execute("SELECT count(*) FROM syncer.queue").fetchone() == (1,)
+    db.execute("SET ROLE writer; UPDATE docs SET title = 'again' WHERE id = 5; RESET ROLE")
+    assert db.execute("SELECT count(*) FROM syncer.inbox").fetchone() == (2,)
 
 
 def test_uninstall_keeps_user_data(
