@@ -22,7 +22,7 @@ CREATE OR REPLACE FUNCTION {capture_insert_fn}() RETURNS trigger
 LANGUAGE plpgsql SECURITY DEFINER SET search_path = pg_catalog, pg_temp AS $syncer$
 BEGIN
     INSERT INTO syncer.inbox (pipeline, key)
-    SELECT {pipeline}, {key_json_n} FROM syncer_new n WHERE {text_fn}(n) IS NOT NULL;
+    SELECT {pipeline}, {key_json_n} FROM syncer_new n WHERE {has_text_n};
     IF FOUND AND {nobody_awake} THEN
         PERFORM pg_notify('syncer_inbox', {pipeline});
     END IF;

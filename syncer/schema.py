@@ -87,6 +87,9 @@ def render(p: PipelineConfig, key_columns: tuple[Column, ...]) -> PipelineSQL:
         "key_json_n": key_json("n"),
         "key_json_o": key_json("o"),
         "key_json_p": key_json("p"),
+        # The same as {text_fn}(n) IS NOT NULL (some column has non-empty text), without
+        # composing the text: the insert trigger tests every inserted row.
+        "has_text_n": " OR ".join(f"n.{_ident(c)}::text <> ''" for c in p.text),
         "key_json_new": key_json("NEW"),
         "key_json_old": key_json("OLD"),
         "key_changed": " OR ".join(changed(keys)),

@@ -33,8 +33,10 @@ def test_triggers_capture_text_and_key_changes_only(
 ) -> None:
     create_docs(db)
     assert syncer(make_config(), "install").returncode == 0
-    db.execute("INSERT INTO docs VALUES (1, 'a', NULL, 'x'), (2, NULL, NULL, 'y')")
-    assert captured(db) == [("docs", "1")]  # row 2 has no text
+    db.execute(
+        "INSERT INTO docs VALUES (1, 'a', NULL, 'x'), (2, NULL, NULL, 'y'), (4, '', '', 'z')"
+    )
+    assert captured(db) == [("docs", "1")]  # rows 2 and 4 have no text
     db.execute("DELETE FROM syncer.inbox")
     db.execute("UPDATE docs SET tag = 'z'")  # not part of the text
     db.execute("UPDATE docs SET title = 'a' WHERE id = 1")  # the same text
