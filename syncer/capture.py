@@ -112,9 +112,11 @@ class InboxMover:
 
     async def run(self, stop: asyncio.Event) -> None:
         while not stop.is_set():
+            # Woken by a poll, not a NOTIFY: one look, and back to sleep if it finds nothing.
+            linger_s = LINGER_S if self.kick.is_set() else 0.0
             self.kick.clear()
             await self._set_awake(AWAKE_LEASE_S)
-            await self._stay_awake(stop)
+            await self._stay_awake(stop, linger_s)
             if stop.is_set():
                 break
             await self._set_awake(0)
@@ -129,14 +131,14 @@ class InboxMover:
         with contextlib.suppress(OSError, asyncpg.PostgresError, asyncpg.InterfaceError):
             await self._set_awake(0)
 
-    async def _stay_awake(self, stop: asyncio.Event) -> None:
+    async def _stay_awake(self, stop: asyncio.Event, linger_s: float) -> None:
         last_rows = renewed = time.monotonic()
         while not stop.is_set():
             n = await self.move_all()
             now = time.monotonic()
             if n:
-                last_rows = now
-            elif now - last_rows >= LINGER_S:
+                last_rows, linger_s = now, LINGER_S
+            elif now - last_rows >= linger_s:
                 return
             if now - renewed >= AWAKE_LEASE_S / 3:
                 await self._set_awake(AWAKE_LEASE_S)
