@@ -22,8 +22,8 @@ from typing import Any
 import uvloop
 
 from syncer import app, config
-from syncer.capture import InboxMover, Listener
-from syncer.db import connect_kwargs, create_pool
+from syncer.capture import start_capture_side
+from syncer.db import create_pool
 from syncer.observe import setup_logging
 
 LOOPS: dict[str, Callable[[Coroutine[Any, Any, app.RunResult]], app.RunResult]] = {
@@ -53,11 +53,8 @@ async def inbox_only(cfg: config.Config) -> None:
     asyncio.get_running_loop().add_signal_handler(signal.SIGTERM, stop.set)
     pool = await create_pool(cfg.database)
     wakeups = {p.name: asyncio.Event() for p in cfg.pipelines}
-    kick = asyncio.Event()
-    listener = Listener(cfg.database.url, wakeups, kick, connect_kwargs())
-    mover = InboxMover(pool, wakeups, kick, cfg.worker.poll_interval_s)
     try:
-        await asyncio.gather(listener.run(stop), mover.run(stop))
+        await asyncio.gather(*start_capture_side(cfg, pool, wakeups, stop))
     finally:
         await pool.close()
 

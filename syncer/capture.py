@@ -25,6 +25,8 @@ from typing import Any
 
 import asyncpg
 
+from syncer.config import Config
+from syncer.db import connect_kwargs
 from syncer.sqlfiles import query
 
 log = logging.getLogger("syncer.capture")
@@ -172,6 +174,20 @@ class InboxMover:
                     event.set()
             if not rows or rows[0]["taken"] < MOVE_CHUNK:
                 return total
+
+
+def start_capture_side(
+    cfg: Config, pool: asyncpg.Pool, wakeups: Mapping[str, asyncio.Event], stop: asyncio.Event
+) -> tuple[asyncio.Task[None], asyncio.Task[None]]:
+    """A process's capture side: the LISTEN connection and the inbox mover, sharing the
+    event by which a capture NOTIFY wakes the mover. Returns (listener, mover) tasks."""
+    kick = asyncio.Event()
+    listener = Listener(cfg.database.url, wakeups, kick, connect_kwargs())
+    mover = InboxMover(pool, wakeups, kick, cfg.worker.poll_interval_s)
+    return (
+        asyncio.create_task(listener.run(stop), name="listener"),
+        asyncio.create_task(mover.run(stop), name="inbox-mover"),
+    )
 
 
 async def wait_first(*events: asyncio.Event, timeout_s: float | None = None) -> None:

@@ -23,9 +23,8 @@ from typing import Any
 
 import asyncpg
 
-from syncer.capture import InboxMover, Listener, wait_first
+from syncer.capture import start_capture_side, wait_first
 from syncer.config import Config, PipelineConfig, ProviderConfig, WorkerConfig
-from syncer.db import connect_kwargs
 from syncer.embed import Embedder, EmbedRequest, Vectors, backoff_s
 from syncer.errors import (
     CircuitOpenError,
@@ -467,13 +466,7 @@ class Worker:
         ]
 
     async def run(self, stop: asyncio.Event, exit_when_idle: bool = False) -> None:
-        kick = asyncio.Event()
-        listener = Listener(self.cfg.database.url, self.wakeups, kick, connect_kwargs())
-        mover = InboxMover(self.pool, self.wakeups, kick, self.cfg.worker.poll_interval_s)
-        helpers = [
-            asyncio.create_task(listener.run(stop), name="listener"),
-            asyncio.create_task(mover.run(stop), name="inbox-mover"),
-        ]
+        listener, mover = start_capture_side(self.cfg, self.pool, self.wakeups, stop)
         runs = [
             asyncio.create_task(r.run(stop, exit_when_idle), name=r.p.name) for r in self.runners
         ]
@@ -482,15 +475,15 @@ class Worker:
             extra={"worker_id": self.worker_id, "pipelines": [r.p.name for r in self.runners]},
         )
         try:
-            await _supervise(asyncio.gather(*runs), helpers)
+            await _supervise(asyncio.gather(*runs), [listener, mover])
         finally:
             stop.set()
             for t in runs:
                 t.cancel()
             await asyncio.gather(*runs, return_exceptions=True)
             # The mover clears its "awake" on the way out; the listener just goes.
-            helpers[0].cancel()
+            listener.cancel()
             with contextlib.suppress(TimeoutError):
-                await asyncio.wait_for(asyncio.shield(helpers[1]), timeout=2.0)
-            helpers[1].cancel()
-            await asyncio.gather(*helpers, return_exceptions=True)
+                await asyncio.wait_for(asyncio.shield(mover), timeout=2.0)
+            mover.cancel()
+            await asyncio.gather(listener, mover, return_exceptions=True)

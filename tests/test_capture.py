@@ -115,11 +115,7 @@ def test_change_committed_after_the_worker_fell_asleep_is_embedded(
 
             def update_while_awake() -> bool:
                 late.execute("UPDATE docs SET title = 'late edit' WHERE id = 1")
-                awake = late.execute(
-                    "SELECT pg_sequence_last_value('syncer.awake_until')"
-                    " > extract(epoch FROM clock_timestamp())"
-                ).fetchone()
-                if awake and awake[0]:
+                if awake_now(late):
                     return True
                 late.rollback()
                 return False
