@@ -5,7 +5,7 @@ the same shape, one plain and one with syncer's capture installed; the arms alte
 each keeps its best round (noise only ever slows a run down). Three arms:
 
 - plain: no capture;
-- captured: capture, with a worker's capture side running (`bench.child --inbox-only`:
+- captured: capture, with a worker's capture side running (`bench.child --capture-only`:
   the real Listener and InboxMover) and draining the inbox as it fills, as in production.
   Its database work counts in the server CPU; the embedding work is left out, so this is
   the cost of capture itself. The target is judged here;
@@ -128,7 +128,7 @@ async def _arm(h: Harness, database: str, config: Path, w: Workload, sizes: Size
             return await _pgbench(h, database, w, sizes, TABLES[arm])
         command = [sys.executable, "-m", "bench.child", "-c", str(config)]
         child = await asyncio.create_subprocess_exec(
-            *command, "--inbox-only", env=h.env(), cwd=REPO, stderr=asyncio.subprocess.PIPE
+            *command, "--capture-only", env=h.env(), cwd=REPO, stderr=asyncio.subprocess.PIPE
         )
         try:
             deadline = time.monotonic() + 30

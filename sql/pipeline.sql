@@ -81,6 +81,13 @@ CREATE OR REPLACE TRIGGER {delete_trigger} AFTER DELETE ON {src}
 REFERENCING OLD TABLE AS syncer_old
 FOR EACH STATEMENT EXECUTE FUNCTION {capture_delete_fn}();
 
+-- logical_enqueue --
+-- Logical mode: keys read from the slot, each column in its text form, typed and built
+-- exactly as the triggers build them (the same row is the same key in either mode).
+INSERT INTO syncer.queue (pipeline, key)
+SELECT DISTINCT {pipeline}, {key_json_r}
+FROM unnest($1::jsonb[]) AS k(key) CROSS JOIN LATERAL jsonb_to_record(k.key) AS r({key_defs});
+
 -- rows_fetch --
 -- For each key: does the row exist, its current text and hash, and the stored hash.
 SELECT k.key::text, {key_first_s} IS NOT NULL, {text_fn}(s), {hash_fn}(s), {stored_hash}

@@ -36,15 +36,37 @@ async def install(
     conn = await connect(cfg.database.url)
     try:
         await ensure_vector_extension(conn)
+        cap = cfg.capture
         # Check every pipeline before creating anything, so a typo changes nothing.
         for p in cfg.pipelines:
             await schema.key_columns(conn, p)
             await schema.check_target(conn, p)
+        if cap.mode == "logical":
+            await schema.check_logical(conn, cfg.pipelines, cap)
         await schema.install_schema(conn)
+        if cap.mode == "logical":
+            # Slot first, triggers last: a switch from trigger mode overlaps, never gaps.
+            await schema.install_publication(conn, cfg.pipelines, cap)
+            if await schema.ensure_slot(conn, cap):
+                echo(f"created logical replication slot {cap.slot} (publication {cap.publication})")
+        else:
+            for line in await schema.drop_logical(conn, cap):
+                echo(line)
+        rendered_all = {}
+        for p in cfg.pipelines:
+            rendered_all[p.name] = await schema.install_pipeline(conn, p, cap.mode)
+            echo(
+                f"pipeline {p.name}: installed on {p.table} ({p.target} target, {cap.mode} capture)"
+            )
+        if cap.mode == "logical":
+            # What the triggers captured before the switch: no inbox mover runs any more.
+            while (rows := await conn.fetch(query("inbox_move"), 5000)) and rows[0][
+                "taken"
+            ] == 5000:
+                pass
         enqueued: dict[str, int] = {}
         for p in cfg.pipelines:
-            rendered = await schema.install_pipeline(conn, p)
-            echo(f"pipeline {p.name}: installed on {p.table} ({p.target} target)")
+            rendered = rendered_all[p.name]
             if backfill:
                 enqueued[p.name] = await schema.backfill(conn, rendered, everything=False)
                 echo(f"pipeline {p.name}: {enqueued[p.name]} existing rows queued for embedding")
@@ -59,6 +81,8 @@ async def uninstall(cfg: Config, keep_vectors: bool, echo: Callable[[str], None]
         if await schema.installed_version(conn) is None:
             echo("syncer is not installed in this database; nothing to do")
             return
+        for line in await schema.drop_logical(conn, cfg.capture):
+            echo(line)
         for p in cfg.pipelines:
             for line in await schema.uninstall_pipeline(conn, p, keep_vectors):
                 echo(line)
@@ -147,6 +171,8 @@ async def run(
     try:
         async with pool.acquire() as conn:
             rendered = {p.name: await checked_pipeline(conn, p) for p in cfg.pipelines}  # type: ignore[arg-type]
+            if cfg.capture.mode == "logical":
+                await schema.check_slot(conn, cfg.capture)  # type: ignore[arg-type]
         worker = Worker(cfg, pool, embedders, rendered, result.events)
         await worker.run(stop, exit_when_idle)
     except ProviderPaused as err:
@@ -161,14 +187,23 @@ async def run(
     return result
 
 
-async def status(cfg: Config) -> list[asyncpg.Record]:
+@dataclass
+class Status:
+    pipelines: list[asyncpg.Record]
+    slot: asyncpg.Record | None = None  # logical mode: the slot's state; None if missing
+
+
+async def status(cfg: Config) -> Status:
     conn = await connect(cfg.database.url)
     try:
         if await schema.installed_version(conn) is None:
             raise SchemaError(
                 "syncer is not installed in this database: run `syncer install` first"
             )
-        return await conn.fetch(
+        slot = None
+        if cfg.capture.mode == "logical":
+            slot = await schema.slot_lag(conn, cfg.capture)
+        rows = await conn.fetch(
             """SELECT p.name,
                       count(q.id) + (SELECT count(*) FROM syncer.inbox i WHERE i.pipeline = p.name)
                           AS queued,
@@ -180,6 +215,7 @@ async def status(cfg: Config) -> list[asyncpg.Record]:
                FROM syncer.pipelines p LEFT JOIN syncer.queue q ON q.pipeline = p.name
                GROUP BY p.name ORDER BY p.name"""
         )
+        return Status(rows, slot)
     finally:
         await conn.close()
 

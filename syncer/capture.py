@@ -20,13 +20,15 @@ import asyncio
 import contextlib
 import logging
 import time
-from collections.abc import Mapping
+from collections.abc import Awaitable, Callable, Mapping
+from dataclasses import dataclass
 from typing import Any
 
 import asyncpg
 
 from syncer.config import Config
 from syncer.db import connect_kwargs
+from syncer.schema import PipelineSQL
 from syncer.sqlfiles import query
 
 log = logging.getLogger("syncer.capture")
@@ -176,17 +178,43 @@ class InboxMover:
                 return total
 
 
+@dataclass
+class CaptureSide:
+    """A process's capture side: the LISTEN connection, and what brings captured keys to
+    the queue (the inbox mover, or in logical mode the slot reader)."""
+
+    listener: asyncio.Task[None]
+    feeder: asyncio.Task[None]
+    caught_up: Callable[[], Awaitable[bool]]  # has everything captured so far been queued?
+
+
+async def _always() -> bool:
+    return True  # trigger mode: the inbox is counted with the queue
+
+
 def start_capture_side(
-    cfg: Config, pool: asyncpg.Pool, wakeups: Mapping[str, asyncio.Event], stop: asyncio.Event
-) -> tuple[asyncio.Task[None], asyncio.Task[None]]:
-    """A process's capture side: the LISTEN connection and the inbox mover, sharing the
-    event by which a capture NOTIFY wakes the mover. Returns (listener, mover) tasks."""
+    cfg: Config,
+    pool: asyncpg.Pool,
+    wakeups: Mapping[str, asyncio.Event],
+    stop: asyncio.Event,
+    key_names: Mapping[str, tuple[str, ...]] | None = None,
+    rendered: Mapping[str, PipelineSQL] | None = None,
+) -> CaptureSide:
+    """Start the capture side; a capture NOTIFY wakes the mover through a shared event."""
     kick = asyncio.Event()
     listener = Listener(cfg.database.url, wakeups, kick, connect_kwargs())
+    listen_task = asyncio.create_task(listener.run(stop), name="listener")
+    if cfg.capture.mode == "logical":
+        from syncer.logical import SlotReader
+
+        assert key_names is not None and rendered is not None
+        reader = SlotReader(cfg, pool, rendered, key_names, wakeups)
+        return CaptureSide(
+            listen_task, asyncio.create_task(reader.run(stop), name="slot-reader"), reader.caught_up
+        )
     mover = InboxMover(pool, wakeups, kick, cfg.worker.poll_interval_s)
-    return (
-        asyncio.create_task(listener.run(stop), name="listener"),
-        asyncio.create_task(mover.run(stop), name="inbox-mover"),
+    return CaptureSide(
+        listen_task, asyncio.create_task(mover.run(stop), name="inbox-mover"), _always
     )
 
 

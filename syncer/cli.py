@@ -139,16 +139,26 @@ def run(obj: Ctx, exit_when_idle: bool) -> None:
 def status(obj: Ctx) -> None:
     """The backlog of each pipeline."""
     cfg = obj.config()
-    rows = _guard(lambda: _run_async(app.status(cfg)))
+    st = _guard(lambda: _run_async(app.status(cfg)))
     click.echo(
         f"{'pipeline':20} {'queued':>8} {'working':>8} {'retry':>8} {'oldest_s':>9} {'dead':>6}"
     )
-    for r in rows:
+    for r in st.pipelines:
         oldest = f"{float(r['oldest_s']):.1f}" if r["oldest_s"] is not None else "-"
         click.echo(
             f"{r['name']:20} {r['queued']:>8} {r['in_progress']:>8} {r['waiting_retry']:>8} "
             f"{oldest:>9} {r['dead_letters']:>6}"
         )
+    if cfg.capture.mode == "logical":
+        slot = cfg.capture.slot
+        if st.slot is None:
+            click.echo(f"logical slot {slot}: MISSING (run `syncer install`)")
+        else:
+            state = "read by a worker" if st.slot["active"] else "NOT READ by any worker"
+            click.echo(
+                f"logical slot {slot}: {state}, {st.slot['behind']} bytes of WAL not yet read, "
+                f"{st.slot['retained']} bytes retained"
+            )
 
 
 @main.command("replay-dlq")

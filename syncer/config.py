@@ -76,6 +76,22 @@ class WorkerConfig(_Model):
     in_flight_batches: int = Field(default=4, ge=1, le=64)
 
 
+class CaptureConfig(_Model):
+    """How changes reach the queue: capture triggers, or a logical replication slot."""
+
+    mode: Literal["trigger", "logical"] = "trigger"
+    # logical mode: the slot and publication install creates (and uninstall drops)
+    slot: str = "syncer"
+    publication: str = "syncer"
+
+    @field_validator("slot", "publication")
+    @classmethod
+    def _object_name(cls, v: str) -> str:
+        if not _NAME_RE.match(v):
+            raise ValueError("must be lower-case letters, digits and '_' (at most 41)")
+        return v
+
+
 class PipelineConfig(_Model):
     name: str
     table: str
@@ -147,6 +163,7 @@ class PipelineConfig(_Model):
 class Config(_Model):
     database: DatabaseConfig = DatabaseConfig()
     worker: WorkerConfig = WorkerConfig()
+    capture: CaptureConfig = CaptureConfig()
     providers: dict[str, ProviderConfig]
     pipelines: tuple[PipelineConfig, ...]
 

@@ -17,7 +17,7 @@ import random
 import socket
 import time
 import uuid
-from collections.abc import Sequence
+from collections.abc import Awaitable, Callable, Sequence
 from dataclasses import dataclass
 from typing import Any
 
@@ -109,6 +109,7 @@ class PipelineRunner:
         self.slot_freed = asyncio.Event()
         self.embed_q: asyncio.Queue[EmbedJob] = asyncio.Queue(maxsize=max_concurrency * 2)
         self.write_q: asyncio.Queue[WriteBatch] = asyncio.Queue(maxsize=max_concurrency * 4)
+        self.capture_caught_up: Callable[[], Awaitable[bool]] = _caught_up
 
     # --- bookkeeping --------------------------------------------------------------------
 
@@ -216,7 +217,7 @@ class PipelineRunner:
             await wait_first(*wake, timeout_s=await self._poll_s(exit_when_idle))
 
     async def _idle(self) -> bool:
-        return await self.queue.pending([self.p.name]) == 0
+        return await self.queue.pending([self.p.name]) == 0 and await self.capture_caught_up()
 
     async def _poll_s(self, exit_when_idle: bool) -> float:
         poll_s = self.wcfg.poll_interval_s * random.uniform(0.8, 1.2)
@@ -421,6 +422,10 @@ class PipelineRunner:
             await self.queue.extend(sorted(self.in_flight))
 
 
+async def _caught_up() -> bool:
+    return True
+
+
 async def _supervise(main: asyncio.Future[Any], helpers: list[asyncio.Task[None]]) -> None:
     """Wait for main; if a helper fails first, stop with its error instead of limping on."""
     pending = {main, *helpers}
@@ -450,12 +455,21 @@ class Worker:
         self.worker_id = f"{socket.gethostname()}:{os.getpid()}:{uuid.uuid4().hex[:8]}"
         self.queue = Queue(pool, self.worker_id, cfg.worker.lease_s)
         self.wakeups = {p.name: asyncio.Event() for p in cfg.pipelines}
+        self.rendered = rendered
+        # Logical mode: a column target's vector writes would come back through the slot.
+        mark_own = cfg.capture.mode == "logical"
         self.runners = [
             PipelineRunner(
                 p,
                 cfg.worker,
                 self.queue,
-                VectorStore(pool, rendered[p.name], p.target, p.vector_type),
+                VectorStore(
+                    pool,
+                    rendered[p.name],
+                    p.target,
+                    p.vector_type,
+                    mark_own and p.target == "column",
+                ),
                 embedders[p.provider],
                 p.provider,
                 cfg.providers[p.provider],
@@ -466,7 +480,17 @@ class Worker:
         ]
 
     async def run(self, stop: asyncio.Event, exit_when_idle: bool = False) -> None:
-        listener, mover = start_capture_side(self.cfg, self.pool, self.wakeups, stop)
+        side = start_capture_side(
+            self.cfg,
+            self.pool,
+            self.wakeups,
+            stop,
+            {n: r.keys for n, r in self.rendered.items()},
+            self.rendered,
+        )
+        listener, feeder = side.listener, side.feeder
+        for r in self.runners:
+            r.capture_caught_up = side.caught_up
         runs = [
             asyncio.create_task(r.run(stop, exit_when_idle), name=r.p.name) for r in self.runners
         ]
@@ -475,15 +499,16 @@ class Worker:
             extra={"worker_id": self.worker_id, "pipelines": [r.p.name for r in self.runners]},
         )
         try:
-            await _supervise(asyncio.gather(*runs), [listener, mover])
+            await _supervise(asyncio.gather(*runs), [listener, feeder])
         finally:
             stop.set()
             for t in runs:
                 t.cancel()
             await asyncio.gather(*runs, return_exceptions=True)
-            # The mover clears its "awake" on the way out; the listener just goes.
+            # The mover clears its "awake" on the way out, the slot reader queues what it
+            # has read; the listener just goes.
             listener.cancel()
             with contextlib.suppress(TimeoutError):
-                await asyncio.wait_for(asyncio.shield(mover), timeout=2.0)
-            mover.cancel()
-            await asyncio.gather(listener, mover, return_exceptions=True)
+                await asyncio.wait_for(asyncio.shield(feeder), timeout=5.0)
+            feeder.cancel()
+            await asyncio.gather(listener, feeder, return_exceptions=True)

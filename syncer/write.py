@@ -17,6 +17,8 @@ from pgvector import HalfVector, Vector
 from syncer.queue import Queue
 from syncer.schema import PipelineSQL
 
+OWN_PREFIX = "syncer"  # the logical message that marks syncer's own writes (syncer.logical)
+
 WRITE_ATTEMPTS = 5
 
 
@@ -57,9 +59,18 @@ class WriteBatch:
 
 class VectorStore:
     def __init__(
-        self, pool: asyncpg.Pool, rendered: PipelineSQL, target: str, vector_type: str
+        self,
+        pool: asyncpg.Pool,
+        rendered: PipelineSQL,
+        target: str,
+        vector_type: str,
+        mark_own: bool = False,
     ) -> None:
         self.pool = pool
+        # Logical mode, column target: mark the write so the slot reader skips it.
+        self.begin = "SET LOCAL synchronous_commit = off; SET LOCAL syncer.writing = 'on'" + (
+            f"; SELECT pg_logical_emit_message(true, '{OWN_PREFIX}', '')" if mark_own else ""
+        )
         self.vector_type = vector_type
         self.sql = rendered
         self.target = target
@@ -85,9 +96,7 @@ class VectorStore:
     async def _write_once(self, batch: WriteBatch) -> int:
         async with self.pool.acquire() as conn, conn.transaction():
             # Losing this commit in a server crash only means the items run again.
-            await conn.execute(
-                "SET LOCAL synchronous_commit = off; SET LOCAL syncer.writing = 'on'"
-            )
+            await conn.execute(self.begin)
             written = 0
             if batch.keys:
                 stmt = "vectors_write_column" if self.target == "column" else "vectors_write_table"

@@ -20,12 +20,20 @@ from syncer import embedded_pg
 from syncer.fake_embedder import FakeEmbedderProcess
 
 TEMPLATE = "syncer_template"
+LOGICAL_SETTINGS = {
+    "wal_level": "logical",
+    "max_replication_slots": "64",
+    "max_wal_senders": "64",
+    "wal_writer_delay": "10ms",
+}
 _counter = itertools.count()
 
 
 @pytest.fixture(scope="session")
 def pg() -> Iterator[embedded_pg.EmbeddedPostgres]:
-    server = embedded_pg.start()
+    # wal_level = logical for the logical-mode tests; the WAL writer flushes often, because
+    # with synchronous_commit = off a change reaches a slot only once its WAL is flushed.
+    server = embedded_pg.start(settings=LOGICAL_SETTINGS)
     with psycopg.connect(server.url(), autocommit=True) as conn:
         conn.execute(f"CREATE DATABASE {TEMPLATE}")
     with psycopg.connect(server.url(TEMPLATE), autocommit=True) as conn:
@@ -41,6 +49,25 @@ def db_url(pg: embedded_pg.EmbeddedPostgres) -> Iterator[str]:
         conn.execute(f"CREATE DATABASE {name} TEMPLATE {TEMPLATE}")
     yield pg.url(name)
     with psycopg.connect(pg.url(), autocommit=True) as conn:
+        # A database with a logical slot cannot be dropped (terminate its readers first).
+        conn.execute(
+            "SELECT pg_terminate_backend(active_pid) FROM pg_replication_slots "
+            "WHERE database = %s AND active_pid IS NOT NULL",
+            (name,),
+        )
+        wait_for(
+            lambda: (
+                not conn.execute(
+                    "SELECT 1 FROM pg_replication_slots WHERE database = %s AND active", (name,)
+                ).fetchone()
+            ),
+            what="slot readers to go",
+        )
+        conn.execute(
+            "SELECT pg_drop_replication_slot(slot_name) FROM pg_replication_slots "
+            "WHERE database = %s",
+            (name,),
+        )
         conn.execute(f"DROP DATABASE IF EXISTS {name} WITH (FORCE)")
 
 
@@ -110,9 +137,14 @@ DEFAULT_PIPELINE = {
 @pytest.fixture()
 def make_config(tmp_path: Path, db_url: str, fake: FakeEmbedderProcess) -> Callable[..., Path]:
     def make(
-        *pipelines: dict[str, Any], concurrency: int = 4, worker: dict[str, Any] | None = None
+        *pipelines: dict[str, Any],
+        concurrency: int = 4,
+        worker: dict[str, Any] | None = None,
+        capture: dict[str, Any] | None = None,
     ) -> Path:
         body = base_toml(db_url, fake.url, concurrency, worker)
+        if capture:
+            body += "\n[capture]\n" + "".join(f"{k} = {_q(v)}\n" for k, v in capture.items())
         for p in pipelines or (DEFAULT_PIPELINE,):
             body += "\n" + pipeline_toml(**p)
         path = tmp_path / f"syncer-{next(_counter)}.toml"
