@@ -9,7 +9,13 @@ each keeps its best round (noise only ever slows a run down). Three arms:
   the real Listener and InboxMover) and draining the inbox as it fills, as in production.
   Its database work counts in the server CPU; the embedding work is left out, so this is
   the cost of capture itself. The target is judged here;
-- captured, no worker: nobody drains or is awake, so every statement also NOTIFYs.
+- captured, no worker: nobody drains or is awake, so every statement also NOTIFYs;
+- logical: capture.mode = 'logical' on a third table of the same shape, with a worker's
+  capture side (the SlotReader) streaming the slot and queueing keys during the run. The
+  server decodes the WAL of every table, so a round starts once the reader has caught up
+  with what the other arms wrote;
+- logical, no reader: the slot exists and keeps the WAL, nobody reads it: the cost inside
+  the user's transaction (wal_level = logical, which every arm here runs with).
 """
 
 from __future__ import annotations
@@ -29,13 +35,16 @@ from bench.report import Result
 from bench.texts import texts
 
 BULK_ROWS = 10_000
-ARMS = ("plain", "captured", "captured, no worker")
+ARMS = ("plain", "captured", "captured, no worker", "logical", "logical, no reader")
 TABLES = {
     "plain": "plain_docs",
     "captured": "captured_docs",
     "captured, no worker": "captured_docs",
+    "logical": "logical_docs",
+    "logical, no reader": "logical_docs",
 }
-SOURCE_TABLES = ("plain_docs", "captured_docs")
+SOURCE_TABLES = ("plain_docs", "captured_docs", "logical_docs")
+LOGICAL = {"mode": "logical", "slot": "bench_capture", "publication": "bench_capture"}
 _TPS_RE = re.compile(r"^tps = ([0-9.]+)", re.MULTILINE)
 _DONE_RE = re.compile(r"^number of transactions actually processed: ([0-9]+)", re.MULTILINE)
 
@@ -87,20 +96,25 @@ def workloads(sizes: Sizes) -> list[Workload]:
 
 async def run(h: Harness, quick: bool) -> Result:
     sizes = Sizes(10_000, 2, 1, 2) if quick else Sizes(50_000, 15, 3, 10)
-    database, config = await _prepare(h, sizes.rows)
+    database, configs = await _prepare(h, sizes.rows)
     try:
-        return await _compare(h, database, config, sizes)
+        return await _compare(h, database, configs, sizes)
     finally:
+        conn = await h.connect(h.server.url(database))
+        try:  # a database with a slot cannot be dropped
+            await conn.execute("SELECT pg_drop_replication_slot($1)", LOGICAL["slot"])
+        finally:
+            await conn.close()
         h.drop_database(h.server.url(database))
 
 
-async def _compare(h: Harness, database: str, config: Path, sizes: Sizes) -> Result:
+async def _compare(h: Harness, database: str, configs: dict[str, Path], sizes: Sizes) -> Result:
     result = Result("capture_cost")
     for w in workloads(sizes):
         best = {arm: Run(0.0, float("inf")) for arm in ARMS}
         for _ in range(sizes.rounds):
             for arm in ARMS:
-                run = await _arm(h, database, config, w, sizes, arm)
+                run = await _arm(h, database, configs, w, sizes, arm)
                 best[arm] = best[arm].best(run)
         for arm in ARMS:
             note = f"{w.clients} client(s), server CPU {best[arm].server_cpu_us:,.0f} µs/tx"
@@ -112,11 +126,20 @@ async def _compare(h: Harness, database: str, config: Path, sizes: Sizes) -> Res
         )
         cpu_note = f"server CPU per tx x{alone.server_cpu_us / plain.server_cpu_us:.2f}"
         result.add(f"{w.name}, no worker / plain", alone.tps / plain.tps, "x", cpu_note)
+        logical, unread = best["logical"], best["logical, no reader"]
+        cpu_note = f"server CPU per tx x{logical.server_cpu_us / plain.server_cpu_us:.2f}"
+        result.at_least(
+            f"{w.name}, logical / plain", logical.tps / plain.tps, "x", w.floor, cpu_note
+        )
+        cpu_note = f"server CPU per tx x{unread.server_cpu_us / plain.server_cpu_us:.2f}"
+        result.add(f"{w.name}, logical no reader / plain", unread.tps / plain.tps, "x", cpu_note)
     return result
 
 
-async def _arm(h: Harness, database: str, config: Path, w: Workload, sizes: Sizes, arm: str) -> Run:
-    """One round of one arm; the captured arms start from an empty inbox."""
+async def _arm(
+    h: Harness, database: str, configs: dict[str, Path], w: Workload, sizes: Sizes, arm: str
+) -> Run:
+    """One round of one arm; the captured arms start from an empty inbox and queue."""
     if arm == "plain":
         return await _pgbench(h, database, w, sizes, TABLES[arm])
     url = h.server.url(database)
@@ -124,18 +147,22 @@ async def _arm(h: Harness, database: str, config: Path, w: Workload, sizes: Size
     try:
         await conn.execute("TRUNCATE syncer.inbox, syncer.queue")
         await conn.execute("SELECT setval('syncer.awake_until', 0)")
-        if arm != "captured":
+        if arm not in ("captured", "logical"):
             return await _pgbench(h, database, w, sizes, TABLES[arm])
-        command = [sys.executable, "-m", "bench.child", "-c", str(config)]
+        command = [sys.executable, "-m", "bench.child", "-c", str(configs[arm])]
         child = await asyncio.create_subprocess_exec(
             *command, "--capture-only", env=h.env(), cwd=REPO, stderr=asyncio.subprocess.PIPE
         )
         try:
-            deadline = time.monotonic() + 30
-            while not await conn.fetchval(LISTENING):
+            ready, args = (LISTENING, ()) if arm == "captured" else (CAUGHT_UP, (LOGICAL["slot"],))
+            if arm == "logical":
+                args = (*args, await conn.fetchval("SELECT pg_current_wal_flush_lsn()"))
+            deadline = time.monotonic() + 120
+            while not await conn.fetchval(ready, *args):
                 if child.returncode is not None or time.monotonic() > deadline:
-                    raise RuntimeError("the inbox mover did not start")
+                    raise RuntimeError(f"the capture side of the {arm!r} arm did not start")
                 await asyncio.sleep(0.05)
+            await conn.execute("TRUNCATE syncer.queue")  # what it read before the round
             return await _pgbench(h, database, w, sizes, TABLES[arm])
         finally:
             child.send_signal(signal.SIGTERM)
@@ -145,15 +172,18 @@ async def _arm(h: Harness, database: str, config: Path, w: Workload, sizes: Size
         await conn.close()
 
 
+CAUGHT_UP = (
+    "SELECT active AND confirmed_flush_lsn >= $2 FROM pg_replication_slots WHERE slot_name = $1"
+)
 LISTENING = (
     "SELECT count(*) > 0 FROM pg_stat_activity"
     " WHERE application_name = 'syncer' AND query LIKE 'LISTEN%'"
 )
 
 
-async def _prepare(h: Harness, rows: int) -> tuple[str, Path]:
-    """Two tables of the same shape and content; capture installed on one. Returns the
-    database's name and the config that installed it."""
+async def _prepare(h: Harness, rows: int) -> tuple[str, dict[str, Path]]:
+    """Three tables of the same shape and content; trigger capture installed on one,
+    logical capture on another. Returns the database's name and the configs by arm."""
     url = h.new_database()
     conn = await h.connect(url)
     try:
@@ -167,13 +197,19 @@ async def _prepare(h: Harness, rows: int) -> tuple[str, Path]:
             )
             for _ in range(rows // BULK_ROWS):
                 await conn.execute(f"INSERT INTO {table} (body) SELECT body FROM bench_texts")
-        config = h.write_config(url, Pipeline(), table="public.captured_docs")
-        await asyncio.to_thread(h.install, config)
+        configs = {
+            "captured": h.write_config(url, Pipeline(), table="public.captured_docs"),
+            "logical": h.write_config(
+                url, Pipeline(), table="public.logical_docs", name="logical", capture=LOGICAL
+            ),
+        }
+        for config in configs.values():
+            await asyncio.to_thread(h.install, config)
         for table in SOURCE_TABLES:
             await conn.execute(f"VACUUM ANALYZE {table}")
     finally:
         await conn.close()
-    return urlparse(url).path.lstrip("/"), config
+    return urlparse(url).path.lstrip("/"), configs
 
 
 async def _pgbench(h: Harness, database: str, w: Workload, sizes: Sizes, table: str) -> Run:

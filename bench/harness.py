@@ -30,7 +30,14 @@ API_KEY_ENV = "BENCH_FAKE_API_KEY"
 API_KEY = "bench-key"
 TEMPLATE = "bench_template"
 MODEL = "text-embedding-3-small"
-SERVER_SETTINGS = {"track_commit_timestamp": "on", "max_wal_size": "4GB"}
+SERVER_SETTINGS = {
+    "track_commit_timestamp": "on",
+    "max_wal_size": "4GB",
+    # capture_cost's logical arms. With synchronous_commit = off a change reaches a slot
+    # when the WAL writer flushes it: every 10 ms here, not the default 200 ms.
+    "wal_level": "logical",
+    "wal_writer_delay": "10ms",
+}
 
 
 @dataclass(frozen=True)
@@ -108,17 +115,26 @@ class Harness:
         self.fake.reset()
         self.fake.control(latency_ms=latency_ms)
 
-    def write_config(self, url: str, p: Pipeline, table: str = "public.docs") -> Path:
+    def write_config(
+        self,
+        url: str,
+        p: Pipeline,
+        table: str = "public.docs",
+        name: str = "docs",
+        capture: dict[str, str] | None = None,
+    ) -> Path:
         path = self.workdir / f"syncer-{next(self._ids)}.toml"
         limits = "".join(
-            f"{name} = {value}\n" for name, value in (("rpm", p.rpm), ("tpm", p.tpm)) if value
+            f"{key} = {value}\n" for key, value in (("rpm", p.rpm), ("tpm", p.tpm)) if value
         )
         path.write_text(
             f"[database]\nurl = {_q(url)}\n\n"
             f'[providers.fake]\nkind = "openai"\nbase_url = {_q(self.fake.url)}\n'
             f"api_key_env = {_q(API_KEY_ENV)}\nmax_concurrency = {p.max_concurrency}\n"
             f"{limits}\n"
-            f'[[pipelines]]\nname = "docs"\ntable = {_q(table)}\ntext = ["body"]\n'
+            + ("[capture]\n" if capture else "")
+            + "".join(f"{k} = {_q(v)}\n" for k, v in (capture or {}).items())
+            + f'[[pipelines]]\nname = {_q(name)}\ntable = {_q(table)}\ntext = ["body"]\n'
             f'provider = "fake"\nmodel = {_q(MODEL)}\ndimensions = {p.dimensions}\n'
             f"batch_size = {p.batch_size}\n",
             encoding="utf-8",
