@@ -100,11 +100,6 @@ async def run(h: Harness, quick: bool) -> Result:
     try:
         return await _compare(h, database, configs, sizes)
     finally:
-        conn = await h.connect(h.server.url(database))
-        try:  # a database with a slot cannot be dropped
-            await conn.execute("SELECT pg_drop_replication_slot($1)", LOGICAL["slot"])
-        finally:
-            await conn.close()
         h.drop_database(h.server.url(database))
 
 

@@ -103,6 +103,12 @@ class Harness:
     def drop_database(self, url: str) -> None:
         """Runs leave nothing behind that a later scenario's checkpoints would have to write."""
         name = urlparse(url).path.lstrip("/")
+        # A database with a logical slot cannot be dropped.
+        self._sql(
+            "postgres",
+            "SELECT pg_drop_replication_slot(slot_name) FROM pg_replication_slots "
+            f"WHERE database = '{name}'",
+        )
         self._sql("postgres", f"DROP DATABASE IF EXISTS {name} WITH (FORCE)")
 
     async def connect(self, url: str) -> asyncpg.Connection:

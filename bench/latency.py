@@ -44,19 +44,43 @@ class Sizes:
 async def run(h: Harness, quick: bool) -> Result:
     sizes = Sizes(30, 2.0) if quick else Sizes(300, 20.0)
     rows = sizes.sequential + sizes.paced + 100
-    b = await backlog.prepare(h, rows, PIPELINE, seed=77)
-    h.set_latency(0.0)
-    proc = Watched(h.syncer_command(b.config, "run"), h.env(), h.workdir / "latency.log").start()
-    try:
-        result = await _measure(h, b, sizes)
-    finally:
-        proc.terminate()
-        await asyncio.to_thread(proc.wait, 30.0)
-        h.drop_database(b.url)
+    result = Result("latency")
+    for mode in ("trigger", "logical"):
+        h.set_latency(0.0)
+        if mode == "trigger":
+            b = await backlog.prepare(h, rows, PIPELINE, seed=77)
+        else:
+            b = await _prepare_logical(h, rows)
+        log = h.workdir / f"latency-{mode}.log"
+        proc = Watched(h.syncer_command(b.config, "run"), h.env(), log).start()
+        try:
+            _report(result, *await _measure(h, b, sizes), "" if mode == "trigger" else ", logical")
+        finally:
+            proc.terminate()
+            await asyncio.to_thread(proc.wait, 30.0)
+            h.drop_database(b.url)
     return result
 
 
-async def _measure(h: Harness, b: Backlog, sizes: Sizes) -> Result:
+async def _prepare_logical(h: Harness, rows: int) -> Backlog:
+    """The same table and rows, captured through a logical replication slot."""
+    url = h.new_database()
+    capture = {"mode": "logical", "slot": "bench_latency", "publication": "bench_latency"}
+    config = h.write_config(url, PIPELINE, capture=capture)
+    conn = await h.connect(url)
+    try:
+        await conn.execute("CREATE TABLE docs (id bigint PRIMARY KEY, body text NOT NULL)")
+        await asyncio.to_thread(h.install, config)
+        records = [(i + 1, body) for i, body in enumerate(texts(rows, 77))]
+        await conn.copy_records_to_table("docs", records=records, columns=["id", "body"])
+    finally:
+        await conn.close()
+    return Backlog(url, config, rows)
+
+
+async def _measure(
+    h: Harness, b: Backlog, sizes: Sizes
+) -> tuple[list[float], list[float], list[float]]:
     conn, watcher = await h.connect(b.url), await h.connect(b.url)
     try:
         await _wait_caught_up(watcher)
@@ -69,28 +93,30 @@ async def _measure(h: Harness, b: Backlog, sizes: Sizes) -> Result:
     finally:
         await conn.close()
         await watcher.close()
-    return _report(seq, polled, paced)
+    return seq, polled, paced
 
 
-def _report(seq: list[float], polled: list[float], paced: list[float]) -> Result:
-    result = Result("latency")
+def _report(
+    result: Result, seq: list[float], polled: list[float], paced: list[float], suffix: str
+) -> None:
     ceiling = API_LATENCY_MS + 50
     for mode, ms in (("one at a time", seq), (f"{PACED_PER_S:.0f}/s", paced)):
         p50, p95, p99 = np.percentile(ms, [50, 95, 99])
-        result.add(f"p50, {mode}", p50, "ms", f"{len(ms)} updates")
+        result.add(f"p50, {mode}{suffix}", p50, "ms", f"{len(ms)} updates")
         if ms is seq:  # a cross-check of the commit-timestamp method
             note = f"polled every {1000 * POLL_S:.0f} ms"
-            result.add("p50 as the client saw it", float(np.median(polled)), "ms", note)
-        result.add(f"p95, {mode}", p95, "ms")
+            result.add(f"p50 as the client saw it{suffix}", float(np.median(polled)), "ms", note)
+        result.add(f"p95, {mode}{suffix}", p95, "ms")
         note = f"API latency {API_LATENCY_MS:.0f} ms"
-        result.at_most(f"p99, {mode}", p99, "ms", ceiling, note)
-    return result
+        result.at_most(f"p99, {mode}{suffix}", p99, "ms", ceiling, note)
 
 
 async def _wait_caught_up(conn: asyncpg.Connection) -> None:
+    """Every row embedded and nothing left queued (or, logical mode, still to be read)."""
     deadline = time.monotonic() + 300
     while await conn.fetchval(
         "SELECT (SELECT count(*) FROM syncer.queue) + (SELECT count(*) FROM syncer.inbox)"
+        " + (SELECT count(*) FROM docs WHERE embedding_hash IS NULL)"
     ):
         if time.monotonic() > deadline:
             raise RuntimeError("the syncer did not catch up with the backlog")

@@ -37,7 +37,7 @@ import psycopg2.errors
 import psycopg2.extras
 
 from syncer.config import Config, PipelineConfig
-from syncer.schema import PipelineSQL
+from syncer.schema import PipelineSQL, SchemaError
 from syncer.write import OWN_PREFIX
 
 log = logging.getLogger("syncer.logical")
@@ -52,7 +52,7 @@ _I32 = struct.Struct("!i")
 _U64 = struct.Struct("!Q")
 
 
-class SlotError(Exception):
+class SlotError(SchemaError):
     """The slot or publication is missing or unusable; the message says what to run."""
 
 
@@ -261,6 +261,7 @@ class SlotReader:
         self.slot = cfg.capture.slot
         self.confirmed = 0  # the slot is confirmed up to here (by this process)
         self.streaming = False
+        self.standing_by = False
         self._want_reply = threading.Event()
 
     async def run(self, stop: asyncio.Event) -> None:
@@ -278,6 +279,8 @@ class SlotReader:
 
     async def caught_up(self) -> bool:
         """Has this reader queued every change committed before now? (--exit-when-idle)"""
+        if self.standing_by:
+            return True  # another worker reads the slot: what it reads is its to queue
         if not self.streaming:
             return False
         flushed = await self.pool.fetchval(
@@ -292,17 +295,16 @@ class SlotReader:
 
     def _main(self, loop: asyncio.AbstractEventLoop, halt: threading.Event) -> None:
         delay_s = 0.5
-        standing_by = False
         while not halt.is_set():
             try:
                 self._stream(loop, halt)
                 return
             except psycopg2.errors.ObjectInUse:
-                if not standing_by:
+                if not self.standing_by:
                     log.info(
                         "another worker reads the slot; standing by", extra={"slot": self.slot}
                     )
-                    standing_by = True
+                    self.standing_by = True
                 halt.wait(STANDBY_S)
             except psycopg2.errors.UndefinedObject as err:
                 raise SlotError(
@@ -337,7 +339,7 @@ class SlotReader:
                 status_interval=5,
             )
             dec = Decoder(self.cfg.pipelines, self.key_names)
-            self.streaming = True
+            self.streaming, self.standing_by = True, False
             log.info("reading the slot", extra={"slot": self.slot})
             first_pending = 0.0
             while not halt.is_set():
@@ -355,10 +357,12 @@ class SlotReader:
                 if dec.pending:
                     left = FLUSH_DELAY_S - (time.monotonic() - first_pending)
                     if left > 0:
-                        wait_s = left
+                        # Let the stream gather in the socket meanwhile: one wake-up for
+                        # a whole batch, not one a message.
+                        halt.wait(left)
                     else:
                         self._flush(loop, dec, cur)
-                        continue
+                    continue
                 elif dec.last_commit_end > self.confirmed and not dec.in_txn:
                     self._confirm(cur, dec.last_commit_end)
                 elif not dec.in_txn and cur.wal_end > self.confirmed:

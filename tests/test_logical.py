@@ -218,10 +218,12 @@ def test_install_refuses_what_logical_mode_cannot_work_with(
     assert r.returncode == 1, r.stderr
     assert f'ALTER ROLE "{role}" REPLICATION' in r.stderr
 
-    # A typo in the mode.
+    # A typo in the mode, a slot name PostgreSQL would not take.
     typo = make_config(capture={**logical, "mode": "logcal"})
     r = syncer(typo, "install")
     assert r.returncode == 2 and "capture.mode" in r.stderr
+    r = syncer(make_config(capture={**logical, "slot": "My-Slot"}), "install")
+    assert r.returncode == 2 and "capture.slot" in r.stderr
 
 
 def test_install_says_how_to_enable_logical_replication(
@@ -255,3 +257,35 @@ def test_run_without_the_slot_says_to_install(
     r = syncer(make_config(capture=logical), "run", "--exit-when-idle")
     assert r.returncode == 1
     assert f"no replication slot {logical['slot']!r}: run `syncer install`" in r.stderr
+
+
+def test_exit_when_idle_beside_the_slot_reader(
+    db: psycopg.Connection[Any],
+    make_config: Callable[..., Path],
+    fake: FakeEmbedderProcess,
+    logical: dict[str, str],
+) -> None:
+    """A second worker stands by; with --exit-when-idle it drains the queue and goes."""
+    create_docs(db)
+    config = make_config(capture=logical)
+    assert syncer(config, "install").returncode == 0
+    reader = start_syncer(config, "run")
+    try:
+        wait_for(
+            lambda: db.execute(
+                "SELECT active FROM pg_replication_slots WHERE slot_name = %s", (logical["slot"],)
+            ).fetchone()[0],  # type: ignore[index]
+            what="the first worker reading the slot",
+        )
+        db.execute("INSERT INTO docs VALUES (1, 'A', 'b', 'c')")
+        r = syncer(config, "run", "--exit-when-idle", timeout_s=60)
+        assert r.returncode == 0, r.stderr
+        assert "standing by" in r.stderr
+        wait_for(
+            lambda: db.execute("SELECT embedding IS NOT NULL FROM docs").fetchone()[0],  # type: ignore[index]
+            what="the row embedded",
+        )
+        assert assert_synced(db) == 1
+    finally:
+        reader.send_signal(signal.SIGTERM)
+        assert reader.wait(timeout=30) == 0
