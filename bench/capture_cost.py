@@ -134,12 +134,14 @@ async def _compare(h: Harness, database: str, configs: dict[str, Path], sizes: S
 async def _arm(
     h: Harness, database: str, configs: dict[str, Path], w: Workload, sizes: Sizes, arm: str
 ) -> Run:
-    """One round of one arm; the captured arms start from an empty inbox and queue."""
-    if arm == "plain":
-        return await _pgbench(h, database, w, sizes, TABLES[arm])
+    """One round of one arm; the captured arms start from an empty inbox and queue. Every
+    arm starts right after a checkpoint, so none pays for the writes of the one before."""
     url = h.server.url(database)
     conn = await h.connect(url)
     try:
+        await conn.execute("CHECKPOINT")
+        if arm == "plain":
+            return await _pgbench(h, database, w, sizes, TABLES[arm])
         await conn.execute("TRUNCATE syncer.inbox, syncer.queue")
         await conn.execute("SELECT setval('syncer.awake_until', 0)")
         if arm not in ("captured", "logical"):
@@ -201,6 +203,8 @@ async def _prepare(h: Harness, rows: int) -> tuple[str, dict[str, Path]]:
         for config in configs.values():
             await asyncio.to_thread(h.install, config)
         for table in SOURCE_TABLES:
+            # An autovacuum of one table in the middle of its arm would count against it.
+            await conn.execute(f"ALTER TABLE {table} SET (autovacuum_enabled = off)")
             await conn.execute(f"VACUUM ANALYZE {table}")
     finally:
         await conn.close()
