@@ -43,7 +43,7 @@ from syncer.write import OWN_PREFIX
 log = logging.getLogger("syncer.logical")
 
 FLUSH_KEYS = 5000  # queue this many keys at most in one transaction
-FLUSH_DELAY_S = 0.005  # gather a stream's keys this long before queueing them
+FLUSH_DELAY_S = 0.005  # while changes stream in, queue them at most this often
 STANDBY_S = 2.0  # how often a standing-by worker tries to take the slot
 IDLE_WAIT_S = 0.2  # the longest the reader sleeps between looks at the stop flag
 
@@ -341,27 +341,25 @@ class SlotReader:
             dec = Decoder(self.cfg.pipelines, self.key_names)
             self.streaming, self.standing_by = True, False
             log.info("reading the slot", extra={"slot": self.slot})
-            first_pending = 0.0
+            last_flush = 0.0
             while not halt.is_set():
                 msg = cur.read_message()
                 if msg is not None:
-                    before = dec.pending
                     dec.feed(msg.payload)
-                    if dec.pending and not before:
-                        first_pending = time.monotonic()
                     if dec.pending >= FLUSH_KEYS:
                         self._flush(loop, dec, cur)
                     continue
                 # The socket is drained for now.
                 wait_s = IDLE_WAIT_S
                 if dec.pending:
-                    left = FLUSH_DELAY_S - (time.monotonic() - first_pending)
+                    # A lone change is queued at once; a stream, every FLUSH_DELAY_S, and
+                    # gathers in the socket meanwhile (one wake-up a batch, not a message).
+                    left = FLUSH_DELAY_S - (time.monotonic() - last_flush)
                     if left > 0:
-                        # Let the stream gather in the socket meanwhile: one wake-up for
-                        # a whole batch, not one a message.
                         halt.wait(left)
                     else:
                         self._flush(loop, dec, cur)
+                        last_flush = time.monotonic()
                     continue
                 elif dec.last_commit_end > self.confirmed and not dec.in_txn:
                     self._confirm(cur, dec.last_commit_end)
