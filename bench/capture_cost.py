@@ -25,9 +25,11 @@ import re
 import signal
 import sys
 import time
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from pathlib import Path
 from urllib.parse import urlparse
+
+import psutil
 
 from bench.harness import REPO, Harness, Pipeline
 from bench.proc import backend_count, backends_settled, postgres_cpu_s
@@ -53,9 +55,18 @@ _DONE_RE = re.compile(r"^number of transactions actually processed: ([0-9]+)", r
 class Run:
     tps: float
     server_cpu_us: float  # PostgreSQL's CPU per transaction: steadier than tps on a busy box
+    transactions: int = 0
+    reader_us: float = float("inf")  # logical arm: the reader process's CPU per transaction
+    walsender_us: float = float("inf")  # logical arm: the walsender's CPU per transaction
 
     def best(self, other: Run) -> Run:
-        return Run(max(self.tps, other.tps), min(self.server_cpu_us, other.server_cpu_us))
+        return Run(
+            max(self.tps, other.tps),
+            min(self.server_cpu_us, other.server_cpu_us),
+            max(self.transactions, other.transactions),
+            min(self.reader_us, other.reader_us),
+            min(self.walsender_us, other.walsender_us),
+        )
 
 
 @dataclass(frozen=True)
@@ -128,6 +139,9 @@ async def _compare(h: Harness, database: str, configs: dict[str, Path], sizes: S
         )
         cpu_note = f"server CPU per tx x{unread.server_cpu_us / plain.server_cpu_us:.2f}"
         result.add(f"{w.name}, logical no reader / plain", unread.tps / plain.tps, "x", cpu_note)
+        note = "in the logical arm's best round (plain: server CPU above)"
+        result.add(f"{w.name}, logical: walsender CPU per tx", logical.walsender_us, "µs", note)
+        result.add(f"{w.name}, logical: reader CPU per tx", logical.reader_us, "µs", note)
     return result
 
 
@@ -160,7 +174,15 @@ async def _arm(
                     raise RuntimeError(f"the capture side of the {arm!r} arm did not start")
                 await asyncio.sleep(0.05)
             await conn.execute("TRUNCATE syncer.queue")  # what it read before the round
-            return await _pgbench(h, database, w, sizes, TABLES[arm])
+            if arm == "captured":
+                return await _pgbench(h, database, w, sizes, TABLES[arm])
+            walsender = psutil.Process(await conn.fetchval(WALSENDER, LOGICAL["slot"]))
+            reader = psutil.Process(child.pid)
+            before = _cpu_s(reader), _cpu_s(walsender)
+            run = await _pgbench(h, database, w, sizes, TABLES[arm])
+            reader_s, walsender_s = _cpu_s(reader) - before[0], _cpu_s(walsender) - before[1]
+            n = max(1, run.transactions)
+            return replace(run, reader_us=1e6 * reader_s / n, walsender_us=1e6 * walsender_s / n)
         finally:
             child.send_signal(signal.SIGTERM)
             async with asyncio.timeout(30):
@@ -169,6 +191,7 @@ async def _arm(
         await conn.close()
 
 
+WALSENDER = "SELECT active_pid FROM pg_replication_slots WHERE slot_name = $1"
 CAUGHT_UP = (
     "SELECT active AND confirmed_flush_lsn >= $2 FROM pg_replication_slots WHERE slot_name = $1"
 )
@@ -229,4 +252,10 @@ async def _pgbench(h: Harness, database: str, w: Workload, sizes: Sizes, table: 
     tps, done = _TPS_RE.search(out.decode()), _DONE_RE.search(out.decode())
     if proc.returncode != 0 or tps is None or done is None:
         raise RuntimeError(f"pgbench failed ({proc.returncode}): {err.decode()[-500:]}")
-    return Run(float(tps.group(1)), 1e6 * cpu_s / max(1, int(done.group(1))))
+    n = int(done.group(1))
+    return Run(float(tps.group(1)), 1e6 * cpu_s / max(1, n), n)
+
+
+def _cpu_s(p: psutil.Process) -> float:
+    t = p.cpu_times()
+    return float(t.user + t.system)

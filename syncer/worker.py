@@ -106,6 +106,9 @@ class PipelineRunner:
         # claim and a fetch round trip, and 64-row claims cannot keep 8 requests busy.
         self.claim_min = max(self.request_inputs, self.capacity // 4)
         self.in_flight: set[int] = set()
+        # (key, hash) being embedded -> the queue items its result completes: an item for
+        # the same text claimed meanwhile joins them instead of paying for a second call.
+        self.embedding: dict[tuple[str, bytes], list[int]] = {}
         self.slot_freed = asyncio.Event()
         self.embed_q: asyncio.Queue[EmbedJob] = asyncio.Queue(maxsize=max_concurrency * 2)
         self.write_q: asyncio.Queue[WriteBatch] = asyncio.Queue(maxsize=max_concurrency * 4)
@@ -248,6 +251,8 @@ class PipelineRunner:
             elif row.hash == row.stored_hash:
                 now.done_ids += ids
                 now.outcomes["unchanged"] += len(ids)
+            elif (same := self.embedding.get((row.key, row.hash or b""))) is not None:
+                same += ids  # this very text is being embedded: its vector serves these too
             else:
                 todo.append(idx)
         if len(now):
@@ -291,6 +296,8 @@ class PipelineRunner:
                 attempts,
                 sum(tokens[i] for i in request),
             )
+            for key, hash_, ids in zip(job.keys, job.hashes, job.ids, strict=True):
+                self.embedding[(key, hash_)] = ids
             await self.embed_q.put(job)
 
     async def _embed_loop(self) -> None:
@@ -308,9 +315,11 @@ class PipelineRunner:
         try:
             vectors = await self._embed_with_retries(job)
         except InputError as err:
+            self._release(job)
             await self._split_bad_input(job, err, batch, failures)
             return
         except RetryableError as err:
+            self._release(job)
             delay_s = backoff_s(job.attempts, self.wcfg.retry_base_s, self.wcfg.retry_max_s, err)
             # Never sent (the breaker was open): the attempt is not the items' to spend.
             sent = not isinstance(err, CircuitOpenError)
@@ -319,16 +328,25 @@ class PipelineRunner:
             ]
             return
         except ProviderError as err:
+            self._release(job)
             # Not the items' fault: back to the queue without spending an attempt.
             delay_s = self.pcfg.breaker_reset_s
             failures += [
                 Failure(i, "provider", str(err), delay_s, counts=False) for i in job.all_ids()
             ]
             return
+        self._release(job)
         for i, key in enumerate(job.keys):
             batch.add_vector(key, vectors[i], job.hashes[i])
             batch.done_ids += job.ids[i]
         batch.outcomes["embedded"] += len(job.keys)
+
+    def _release(self, job: EmbedJob) -> None:
+        """The job's results are being taken: later items for its texts embed anew. (No
+        await between this and reading job.ids, so no joined item is left behind.)"""
+        for key, hash_, ids in zip(job.keys, job.hashes, job.ids, strict=True):
+            if self.embedding.get((key, hash_)) is ids:
+                del self.embedding[(key, hash_)]
 
     async def _split_bad_input(
         self, job: EmbedJob, err: InputError, batch: WriteBatch, failures: list[Failure]

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import signal
 from typing import Any
 
 import numpy as np
@@ -9,7 +10,7 @@ import psycopg
 
 from syncer.fake_embedder import FakeEmbedderProcess, fake_vector
 from syncer.limits import truncate_to_tokens
-from tests.conftest import DEFAULT_PIPELINE, syncer
+from tests.conftest import DEFAULT_PIPELINE, start_syncer, syncer, wait_for
 
 DIM = 8
 ODD = '"My Schema"."Odd ""Table"""'  # needs quoting: a space, mixed case, a quote
@@ -279,3 +280,31 @@ def test_row_deleted_before_it_was_processed(
     assert db.execute("SELECT count(*) FROM syncer.dead_letters").fetchone() == (0,)
     assert db.execute("SELECT count(*) FROM syncer.queue").fetchone() == (0,)
     assert_synced(db)
+
+
+def test_same_text_queued_again_while_in_flight_costs_one_call(
+    db: psycopg.Connection[Any], make_config: Any, fake: FakeEmbedderProcess
+) -> None:
+    create_docs(db)
+    config = make_config()
+    assert syncer(config, "install").returncode == 0
+    fake.control(latency_ms=1500)
+    proc = start_syncer(config, "run")
+    try:
+        db.execute("INSERT INTO docs VALUES (1, 'Same', 'text', 'a')")
+        wait_for(lambda: fake.stats()["requests"] >= 1, what="the first request in flight")
+        r = syncer(config, "backfill", "--all")  # the same row, the same text, queued again
+        assert r.returncode == 0, r.stderr
+
+        def done() -> bool:
+            row = db.execute(
+                "SELECT (SELECT count(*) FROM syncer.queue), embedding IS NOT NULL FROM docs"
+            ).fetchone()
+            return row is not None and row[0] == 0 and row[1]
+
+        wait_for(done, what="the vector written and both items finished")
+        assert fake.inputs() == ["Same\n\ntext"]
+        assert assert_synced(db) == 1
+    finally:
+        proc.send_signal(signal.SIGTERM)
+        assert proc.wait(timeout=30) == 0
