@@ -78,6 +78,13 @@ def db(db_url: str) -> Iterator[psycopg.Connection[Any]]:
         yield conn
 
 
+@pytest.fixture()
+def logical(db: psycopg.Connection[Any]) -> dict[str, str]:
+    """[capture] for logical mode in this test's database: slot names are per cluster."""
+    name = db.execute("SELECT current_database()").fetchone()[0]  # type: ignore[index]
+    return {"mode": "logical", "slot": f"s_{name}", "publication": "syncer"}
+
+
 @pytest.fixture(scope="session")
 def fake_server() -> Iterator[FakeEmbedderProcess]:
     with FakeEmbedderProcess(api_key="test-key-123") as server:

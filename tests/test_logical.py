@@ -8,7 +8,6 @@ from pathlib import Path
 from typing import Any
 
 import psycopg
-import pytest
 
 from syncer import embedded_pg
 from syncer.fake_embedder import FakeEmbedderProcess
@@ -16,13 +15,6 @@ from tests.conftest import DEFAULT_PIPELINE, start_syncer, syncer, wait_for
 from tests.test_pipeline import assert_synced, create_docs
 
 SIDE = {**DEFAULT_PIPELINE, "target": "table", "target_table": "public.docs_vectors"}
-
-
-@pytest.fixture()
-def logical(db: psycopg.Connection[Any]) -> dict[str, str]:
-    """[capture] for this test's database: slot names are per cluster, so one per test."""
-    name = db.execute("SELECT current_database()").fetchone()[0]  # type: ignore[index]
-    return {"mode": "logical", "slot": f"s_{name}", "publication": "syncer"}
 
 
 def triggers(db: psycopg.Connection[Any]) -> list[str]:

@@ -7,6 +7,7 @@ from typing import Any
 
 import numpy as np
 import psycopg
+import pytest
 
 from syncer.fake_embedder import FakeEmbedderProcess, fake_vector
 from syncer.limits import truncate_to_tokens
@@ -183,8 +184,13 @@ def test_side_table_target_and_delete(
     assert_synced(db, sql)
 
 
+@pytest.mark.parametrize("mode", ["trigger", "logical"])
 def test_composite_key_halfvec_and_odd_names(
-    db: psycopg.Connection[Any], make_config: Any, fake: FakeEmbedderProcess
+    db: psycopg.Connection[Any],
+    make_config: Any,
+    fake: FakeEmbedderProcess,
+    mode: str,
+    request: pytest.FixtureRequest,
 ) -> None:
     db.execute('CREATE SCHEMA "My Schema"')
     db.execute(
@@ -198,7 +204,8 @@ def test_composite_key_halfvec_and_odd_names(
             "text": ["Title Col", 'bo"dy'],
             "column": "Vec Col",
             "vector_type": "halfvec",
-        }
+        },
+        capture=request.getfixturevalue("logical") if mode == "logical" else None,
     )
     db.execute(
         f"INSERT INTO {ODD} VALUES ('a', 1, 'x', 'y'), ('b', 1, 'x', 'z'), ('a', 2, 'w', NULL)"
@@ -210,10 +217,11 @@ def test_composite_key_halfvec_and_odd_names(
         expected = fake_vector(composed(title, body) or "", DIM).astype(np.float16)
         np.testing.assert_allclose(np.asarray(vec.to_list(), dtype=np.float16), expected, rtol=1e-3)
     db.execute(f"""UPDATE {ODD} SET "bo""dy" = 'new' WHERE tenant = 'b'""")
+    db.execute(f"""INSERT INTO {ODD} VALUES ('it''s', 3, 'q', 'r')""")  # a quote in the key
     fake.reset()
     r = syncer(config, "run", "--exit-when-idle")
     assert r.returncode == 0, r.stderr
-    assert fake.inputs() == ["x\n\nnew"]
+    assert sorted(fake.inputs()) == ["q\n\nr", "x\n\nnew"]
 
 
 def test_bulk_insert_embeds_each_row_once(
