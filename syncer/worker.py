@@ -335,10 +335,15 @@ class PipelineRunner:
                 Failure(i, "provider", str(err), delay_s, counts=False) for i in job.all_ids()
             ]
             return
-        self._release(job)
         for i, key in enumerate(job.keys):
             batch.add_vector(key, vectors[i], job.hashes[i])
             batch.done_ids += job.ids[i]
+            # Until the vector is written, an item for the same text still joins it.
+            k = (key, job.hashes[i])
+            if self.embedding.get(k) is job.ids[i]:
+                late: list[int] = []
+                self.embedding[k] = late
+                batch.joins.append((k, late))
         batch.outcomes["embedded"] += len(job.keys)
 
     def _release(self, job: EmbedJob) -> None:
@@ -433,6 +438,15 @@ class PipelineRunner:
             for outcome, n in outcomes.items():
                 self.events.finished(self.p.name, outcome, n)
             self._finish(batch.done_ids)
+            late = []
+            for k, ids in batch.joins:
+                if self.embedding.get(k) is ids:
+                    del self.embedding[k]
+                late += ids
+            if late:  # items that joined while their vector was being written: it is now
+                await self.store.write(WriteBatch(done_ids=late))
+                self.events.finished(self.p.name, "unchanged", len(late))
+                self._finish(late)
 
     async def _heartbeat(self) -> None:
         while True:

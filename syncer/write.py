@@ -39,6 +39,9 @@ class WriteBatch:
     delete_keys: list[str] = field(default_factory=list)
     done_ids: list[int] = field(default_factory=list)
     outcomes: Counter[str] = field(default_factory=Counter)  # for events: item counts by outcome
+    # ((key, hash), ids): items that may still join a vector of this batch until it is
+    # written (the worker's in-flight deduplication); finished right after the write.
+    joins: list[tuple[tuple[str, bytes], list[int]]] = field(default_factory=list)
 
     def add_vector(self, key: str, vector: Any, hash_: bytes | None) -> None:
         self.keys.append(key)
@@ -52,6 +55,7 @@ class WriteBatch:
         self.delete_keys += other.delete_keys
         self.done_ids += other.done_ids
         self.outcomes.update(other.outcomes)
+        self.joins += other.joins
 
     def __len__(self) -> int:
         return len(self.done_ids)
