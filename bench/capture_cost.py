@@ -180,6 +180,13 @@ async def _arm(
             reader = psutil.Process(child.pid)
             before = _cpu_s(reader), _cpu_s(walsender)
             run = await _pgbench(h, database, w, sizes, TABLES[arm])
+            # The slot is read after the commits: count the reading that trails pgbench too.
+            end = await conn.fetchval("SELECT pg_current_wal_flush_lsn()")
+            deadline = time.monotonic() + 120
+            while not await conn.fetchval(CAUGHT_UP, LOGICAL["slot"], end):
+                if time.monotonic() > deadline:
+                    raise RuntimeError("the logical reader did not catch up after pgbench")
+                await asyncio.sleep(0.01)
             reader_s, walsender_s = _cpu_s(reader) - before[0], _cpu_s(walsender) - before[1]
             n = max(1, run.transactions)
             return replace(run, reader_us=1e6 * reader_s / n, walsender_us=1e6 * walsender_s / n)
