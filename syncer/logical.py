@@ -220,13 +220,19 @@ class Decoder:
             return
         old: Tuple | None = None
         pos = 5
-        if msg[pos] in (0x4B, 0x4F):  # 'K' or 'O': the old key (sent when it changed)
+        # 'K': the old key, sent when it changed; 'O': the whole old row (REPLICA IDENTITY
+        # FULL), sent on every update.
+        whole_old = msg[pos] == 0x4F
+        if msg[pos] in (0x4B, 0x4F):
             old, pos = _tuple(msg, pos + 1)
         new, _ = _tuple(msg, pos + 1)
         for w in watches:
             key_moved = old is not None and any(old[i] != new[i] for i in w.key_idx)
-            if not key_moved and all(new[i] is UNCHANGED for i in w.text_idx):
-                continue  # a TOASTed text the update did not touch
+            if not key_moved and all(
+                new[i] is UNCHANGED or (whole_old and old is not None and old[i] == new[i])
+                for i in w.text_idx
+            ):
+                continue  # the text is as it was: a TOASTed value left alone, or equal
             # Otherwise queued: the worker's hash check makes an unchanged text free.
             self._add(w, new)
             if key_moved and old is not None:

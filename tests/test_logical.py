@@ -281,3 +281,37 @@ def test_exit_when_idle_beside_the_slot_reader(
     finally:
         reader.send_signal(signal.SIGTERM)
         assert reader.wait(timeout=30) == 0
+
+
+def test_replica_identity_full_and_untouched_large_text(
+    db: psycopg.Connection[Any],
+    make_config: Callable[..., Path],
+    fake: FakeEmbedderProcess,
+    logical: dict[str, str],
+) -> None:
+    """A table keyed by a unique index works with REPLICA IDENTITY FULL, which also tells
+    an untouched text apart; with an index identity, a text stored out of line (TOASTed)
+    that the update left alone does too. Neither kind of update is even queued."""
+    db.execute("CREATE TABLE docs (id bigint NOT NULL UNIQUE, title text, body text, tag text)")
+    db.execute("ALTER TABLE docs REPLICA IDENTITY FULL")
+    db.execute("ALTER TABLE docs ALTER body SET STORAGE EXTERNAL")  # out of line over ~2 KB
+    pipeline = {**DEFAULT_PIPELINE, "key": ["id"], "text": ["body"]}
+    config = make_config(pipeline, capture=logical)
+    assert syncer(config, "install").returncode == 0
+    big = " ".join(f"w{i}" for i in range(1000))  # ~5 KB
+    db.execute("INSERT INTO docs VALUES (1, 't', %s, 'a'), (2, 't', 'small', 'a')", (big,))
+    r = syncer(config, "run", "--exit-when-idle")
+    assert r.returncode == 0, r.stderr
+    assert sorted(fake.inputs()) == sorted([big, "small"])
+
+    fake.reset()
+    db.execute("UPDATE docs SET tag = 'unrelated', title = 'not embedded' WHERE id = 2")
+    db.execute("UPDATE docs SET id = 20 WHERE id = 1")  # the big row moves
+    db.execute("ALTER TABLE docs REPLICA IDENTITY USING INDEX docs_id_key")
+    db.execute("UPDATE docs SET tag = 'unrelated' WHERE id = 20")
+    r = syncer(config, "run", "--exit-when-idle")
+    assert r.returncode == 0, r.stderr
+    line = stats_line(r.stderr)
+    # Only the key move: key 20 (its text came along: unchanged) and key 1 (gone).
+    assert "embedded 0, unchanged 1, cleared 1," in line, line
+    assert fake.inputs() == []
