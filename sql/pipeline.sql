@@ -65,6 +65,45 @@ BEGIN
 END
 $syncer$;
 
+-- capture_insert_row_function --
+-- Partitioned tables: an UPDATE that moves a row to another partition fires neither the
+-- UPDATE row triggers nor the statement-level INSERT and DELETE ones, only the row-level
+-- INSERT (on the new partition) and DELETE (on the old): so there, those are row-level.
+CREATE OR REPLACE FUNCTION {capture_insert_row_fn}() RETURNS trigger
+LANGUAGE plpgsql SECURITY DEFINER SET search_path = pg_catalog, pg_temp AS $syncer$
+BEGIN
+    IF {has_text_new} THEN
+        INSERT INTO syncer.inbox (pipeline, key) VALUES ({pipeline}, {key_json_new});
+        IF {nobody_awake} THEN
+            PERFORM pg_notify('syncer_inbox', {pipeline});
+        END IF;
+    END IF;
+    RETURN NULL;
+END
+$syncer$;
+
+-- capture_delete_row_function --
+CREATE OR REPLACE FUNCTION {capture_delete_row_fn}() RETURNS trigger
+LANGUAGE plpgsql SECURITY DEFINER SET search_path = pg_catalog, pg_temp AS $syncer$
+BEGIN
+    INSERT INTO syncer.inbox (pipeline, key) VALUES ({pipeline}, {key_json_old});
+    IF {nobody_awake} THEN
+        PERFORM pg_notify('syncer_inbox', {pipeline});
+    END IF;
+    RETURN NULL;
+END
+$syncer$;
+
+-- capture_insert_row_trigger --
+DROP TRIGGER IF EXISTS {insert_trigger} ON {src};
+CREATE TRIGGER {insert_trigger} AFTER INSERT ON {src}
+FOR EACH ROW EXECUTE FUNCTION {capture_insert_row_fn}();
+
+-- capture_delete_row_trigger --
+DROP TRIGGER IF EXISTS {delete_trigger} ON {src};
+CREATE TRIGGER {delete_trigger} AFTER DELETE ON {src}
+FOR EACH ROW EXECUTE FUNCTION {capture_delete_row_fn}();
+
 -- capture_insert_trigger --
 CREATE OR REPLACE TRIGGER {insert_trigger} AFTER INSERT ON {src}
 REFERENCING NEW TABLE AS syncer_new

@@ -82,6 +82,9 @@ def render(p: PipelineConfig, key_columns: tuple[Column, ...]) -> PipelineSQL:
         "capture_insert_fn": fn("capture_insert"),
         "capture_update_fn": fn("capture_update"),
         "capture_delete_fn": fn("capture_delete"),
+        "capture_insert_row_fn": fn("capture_insert_row"),
+        "capture_delete_row_fn": fn("capture_delete_row"),
+        "has_text_new": " OR ".join(f"NEW.{_ident(c)}::text <> ''" for c in p.text),
         "insert_trigger": _ident(f"syncer_{p.name}_insert"),
         "update_trigger": _ident(f"syncer_{p.name}_update"),
         "delete_trigger": _ident(f"syncer_{p.name}_delete"),
@@ -306,7 +309,14 @@ async def install_pipeline(
                 f"PRIMARY KEY ({key_cols}))"
             )
             created_table = True
-        for step in _INSTALL_STEPS[p.target] if mode == "trigger" else _FUNCTION_STEPS:
+        partitioned = await conn.fetchval(
+            "SELECT relkind = 'p' FROM pg_class WHERE oid = $1::regclass",
+            _ident(p.schema_name, p.table_name),
+        )
+        steps = _INSTALL_STEPS[p.target] if mode == "trigger" else _FUNCTION_STEPS
+        if mode == "trigger" and partitioned:
+            steps = tuple(_ROW_LEVEL.get(step, step) for step in steps)
+        for step in steps:
             await conn.execute(rendered[step])
         if mode != "trigger":
             await drop_triggers(conn, p)
@@ -334,6 +344,15 @@ _COMMON_STEPS = (
 _INSTALL_STEPS: dict[str, tuple[str, ...]] = {
     "column": _COMMON_STEPS,
     "table": (*_COMMON_STEPS, "capture_delete_function", "capture_delete_trigger"),
+}
+
+
+# A partitioned table's row movement fires only row-level INSERT and DELETE triggers.
+_ROW_LEVEL = {
+    "capture_insert_function": "capture_insert_row_function",
+    "capture_insert_trigger": "capture_insert_row_trigger",
+    "capture_delete_function": "capture_delete_row_function",
+    "capture_delete_trigger": "capture_delete_row_trigger",
 }
 
 

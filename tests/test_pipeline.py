@@ -316,3 +316,40 @@ def test_same_text_queued_again_while_in_flight_costs_one_call(
     finally:
         proc.send_signal(signal.SIGTERM)
         assert proc.wait(timeout=30) == 0
+
+
+@pytest.mark.parametrize("mode", ["trigger", "logical"])
+@pytest.mark.parametrize("target", ["column", "table"])
+def test_partitioned_table_and_a_row_moving_partition(
+    db: psycopg.Connection[Any],
+    make_config: Any,
+    fake: FakeEmbedderProcess,
+    mode: str,
+    target: str,
+    request: pytest.FixtureRequest,
+) -> None:
+    """An UPDATE that moves a row to another partition fires neither UPDATE row triggers
+    nor statement-level INSERT/DELETE ones: its new key must be captured all the same."""
+    db.execute(
+        "CREATE TABLE docs (id bigint PRIMARY KEY, title text, body text, tag text)"
+        " PARTITION BY RANGE (id)"
+    )
+    db.execute("CREATE TABLE docs_low PARTITION OF docs FOR VALUES FROM (0) TO (100)")
+    db.execute("CREATE TABLE docs_high PARTITION OF docs FOR VALUES FROM (100) TO (200)")
+    side = {"target": "table", "target_table": "public.docs_vectors"} if target == "table" else {}
+    config = make_config(
+        {**DEFAULT_PIPELINE, **side},
+        capture=request.getfixturevalue("logical") if mode == "logical" else None,
+    )
+    assert syncer(config, "install").returncode == 0
+    db.execute("INSERT INTO docs VALUES (1, 'a', 'b', 'x'), (150, 'c', 'd', 'y')")
+    db.execute("UPDATE docs SET body = 'changed' WHERE id = 1")
+    db.execute("UPDATE docs SET id = 120 WHERE id = 1")  # moves to docs_high
+    r = syncer(config, "run", "--exit-when-idle")
+    assert r.returncode == 0, r.stderr
+    if target == "column":
+        assert assert_synced(db) == 2
+    else:
+        keys = db.execute("SELECT id FROM docs_vectors ORDER BY id").fetchall()
+        assert [k[0] for k in keys] == [120, 150]
+    assert sorted(fake.inputs()) == ["a\n\nchanged", "c\n\nd"]
