@@ -220,7 +220,8 @@ class PipelineRunner:
             await wait_first(*wake, timeout_s=await self._poll_s(exit_when_idle))
 
     async def _idle(self) -> bool:
-        return await self.queue.pending([self.p.name]) == 0 and await self.capture_caught_up()
+        # Capture first: what it has caught up with is queued by then, so the count sees it.
+        return await self.capture_caught_up() and await self.queue.pending([self.p.name]) == 0
 
     async def _poll_s(self, exit_when_idle: bool) -> float:
         poll_s = self.wcfg.poll_interval_s * random.uniform(0.8, 1.2)
