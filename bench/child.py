@@ -57,8 +57,7 @@ async def capture_only(cfg: config.Config) -> None:
     try:
         async with pool.acquire() as conn:
             rendered = {p.name: await app.checked_pipeline(conn, p) for p in cfg.pipelines}  # type: ignore[arg-type]
-        keys = {n: r.keys for n, r in rendered.items()}
-        side = start_capture_side(cfg, pool, wakeups, stop, keys, rendered)
+        side = start_capture_side(cfg, pool, wakeups, stop, rendered)
         await asyncio.gather(side.listener, side.feeder)
     finally:
         await pool.close()

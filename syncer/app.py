@@ -14,6 +14,7 @@ import asyncpg
 
 from syncer import config as config_mod
 from syncer import schema
+from syncer.capture import move_inbox
 from syncer.config import Config, PipelineConfig
 from syncer.db import connect, create_pool, ensure_vector_extension
 from syncer.embed import Embedder, OpenAIEmbedder
@@ -60,10 +61,7 @@ async def install(
             )
         if cap.mode == "logical":
             # What the triggers captured before the switch: no inbox mover runs any more.
-            while (rows := await conn.fetch(query("inbox_move"), 5000)) and rows[0][
-                "taken"
-            ] == 5000:
-                pass
+            await move_inbox(conn)
         enqueued: dict[str, int] = {}
         for p in cfg.pipelines:
             rendered = rendered_all[p.name]

@@ -166,16 +166,24 @@ class InboxMover:
 
     async def move_all(self) -> int:
         """Move everything the inbox holds now; returns how many items were queued."""
-        total = 0
-        while True:
-            rows = await self.pool.fetch(query("inbox_move"), MOVE_CHUNK)
-            for r in rows:
-                total += r["queued"]
-                event = self.wakeups.get(r["pipeline"])
-                if event is not None:
-                    event.set()
-            if not rows or rows[0]["taken"] < MOVE_CHUNK:
-                return total
+        return await move_inbox(self.pool, self.wakeups)
+
+
+async def move_inbox(
+    db: asyncpg.Pool | asyncpg.Connection, wakeups: Mapping[str, asyncio.Event] | None = None
+) -> int:
+    """Move everything the inbox holds now to the queue, waking the claimers of each
+    pipeline that got items; returns how many items were queued."""
+    total = 0
+    while True:
+        rows = await db.fetch(query("inbox_move"), MOVE_CHUNK)
+        for r in rows:
+            total += r["queued"]
+            event = (wakeups or {}).get(r["pipeline"])
+            if event is not None:
+                event.set()
+        if not rows or rows[0]["taken"] < MOVE_CHUNK:
+            return total
 
 
 @dataclass
@@ -188,7 +196,7 @@ class CaptureSide:
     caught_up: Callable[[], Awaitable[bool]]  # has everything captured so far been queued?
 
 
-async def _always() -> bool:
+async def always_caught_up() -> bool:
     return True  # trigger mode: the inbox is counted with the queue
 
 
@@ -197,8 +205,7 @@ def start_capture_side(
     pool: asyncpg.Pool,
     wakeups: Mapping[str, asyncio.Event],
     stop: asyncio.Event,
-    key_names: Mapping[str, tuple[str, ...]] | None = None,
-    rendered: Mapping[str, PipelineSQL] | None = None,
+    rendered: Mapping[str, PipelineSQL],
 ) -> CaptureSide:
     """Start the capture side; a capture NOTIFY wakes the mover through a shared event."""
     kick = asyncio.Event()
@@ -207,14 +214,13 @@ def start_capture_side(
     if cfg.capture.mode == "logical":
         from syncer.logical import SlotReader
 
-        assert key_names is not None and rendered is not None
-        reader = SlotReader(cfg, pool, rendered, key_names, wakeups)
+        reader = SlotReader(cfg, pool, rendered, wakeups)
         return CaptureSide(
             listen_task, asyncio.create_task(reader.run(stop), name="slot-reader"), reader.caught_up
         )
     mover = InboxMover(pool, wakeups, kick, cfg.worker.poll_interval_s)
     return CaptureSide(
-        listen_task, asyncio.create_task(mover.run(stop), name="inbox-mover"), _always
+        listen_task, asyncio.create_task(mover.run(stop), name="inbox-mover"), always_caught_up
     )
 
 

@@ -61,7 +61,6 @@ class Watch:
     """One pipeline watching one relation, by the positions of its columns there."""
 
     pipeline: str
-    key_names: tuple[str, ...]
     key_idx: tuple[int, ...]
     text_idx: tuple[int, ...]
     deletes: bool  # a side-table target must hear of deleted rows; a column target need not
@@ -101,7 +100,7 @@ class Decoder:
     """pgoutput protocol version 1: the messages syncer needs, turned into pending keys.
 
     Keys are gathered per pipeline as tuples of the key columns' text forms; `take()` hands
-    them over together with the LSN that becomes safe to confirm once they are queued.
+    them over. Once they are queued, the slot may be confirmed up to `last_commit_end`.
     """
 
     pipelines: Sequence[PipelineConfig]
@@ -179,7 +178,6 @@ class Decoder:
             watches.append(
                 Watch(
                     p.name,
-                    keys,
                     tuple(index[c] for c in keys),
                     tuple(index[c] for c in p.text),
                     p.target == "table",
@@ -256,13 +254,12 @@ class SlotReader:
         cfg: Config,
         pool: asyncpg.Pool,
         rendered: Mapping[str, PipelineSQL],
-        key_names: Mapping[str, tuple[str, ...]],
         wakeups: Mapping[str, asyncio.Event],
     ) -> None:
         self.cfg = cfg
         self.pool = pool
         self.rendered = rendered
-        self.key_names = key_names
+        self.key_names = {name: r.keys for name, r in rendered.items()}
         self.wakeups = wakeups
         self.slot = cfg.capture.slot
         self.confirmed = 0  # the slot is confirmed up to here (by this process)

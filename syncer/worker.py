@@ -23,7 +23,7 @@ from typing import Any
 
 import asyncpg
 
-from syncer.capture import start_capture_side, wait_first
+from syncer.capture import always_caught_up, start_capture_side, wait_first
 from syncer.config import Config, PipelineConfig, ProviderConfig, WorkerConfig
 from syncer.embed import Embedder, EmbedRequest, Vectors, backoff_s
 from syncer.errors import (
@@ -112,7 +112,7 @@ class PipelineRunner:
         self.slot_freed = asyncio.Event()
         self.embed_q: asyncio.Queue[EmbedJob] = asyncio.Queue(maxsize=max_concurrency * 2)
         self.write_q: asyncio.Queue[WriteBatch] = asyncio.Queue(maxsize=max_concurrency * 4)
-        self.capture_caught_up: Callable[[], Awaitable[bool]] = _caught_up
+        self.capture_caught_up: Callable[[], Awaitable[bool]] = always_caught_up
 
     # --- bookkeeping --------------------------------------------------------------------
 
@@ -351,8 +351,12 @@ class PipelineRunner:
         """The job's results are being taken: later items for its texts embed anew. (No
         await between this and reading job.ids, so no joined item is left behind.)"""
         for key, hash_, ids in zip(job.keys, job.hashes, job.ids, strict=True):
-            if self.embedding.get((key, hash_)) is ids:
-                del self.embedding[(key, hash_)]
+            self._forget((key, hash_), ids)
+
+    def _forget(self, k: tuple[str, bytes], ids: list[int]) -> None:
+        """Stop joining items to `ids` for text `k` (unless a newer embedding took over)."""
+        if self.embedding.get(k) is ids:
+            del self.embedding[k]
 
     async def _split_bad_input(
         self, job: EmbedJob, err: InputError, batch: WriteBatch, failures: list[Failure]
@@ -441,8 +445,7 @@ class PipelineRunner:
             self._finish(batch.done_ids)
             late = []
             for k, ids in batch.joins:
-                if self.embedding.get(k) is ids:
-                    del self.embedding[k]
+                self._forget(k, ids)
                 late += ids
             if late:  # items that joined while their vector was being written: it is now
                 await self.store.write(WriteBatch(done_ids=late))
@@ -453,10 +456,6 @@ class PipelineRunner:
         while True:
             await asyncio.sleep(self.wcfg.lease_s / 3)
             await self.queue.extend(sorted(self.in_flight))
-
-
-async def _caught_up() -> bool:
-    return True
 
 
 async def _supervise(main: asyncio.Future[Any], helpers: list[asyncio.Task[None]]) -> None:
@@ -513,14 +512,7 @@ class Worker:
         ]
 
     async def run(self, stop: asyncio.Event, exit_when_idle: bool = False) -> None:
-        side = start_capture_side(
-            self.cfg,
-            self.pool,
-            self.wakeups,
-            stop,
-            {n: r.keys for n, r in self.rendered.items()},
-            self.rendered,
-        )
+        side = start_capture_side(self.cfg, self.pool, self.wakeups, stop, self.rendered)
         listener, feeder = side.listener, side.feeder
         for r in self.runners:
             r.capture_caught_up = side.caught_up
