@@ -49,6 +49,7 @@ class Drain:
     last_vector_s: float  # launch → last commit
     api_requests: int
     api_inputs: int
+    steady_cpu_ms_per_row: float  # the syncer's, over the middle 80 % (no start-up)
 
     @property
     def cpu_ms_per_row(self) -> float:
@@ -105,7 +106,12 @@ async def drain(h: Harness, backlog: Backlog, command: list[str]) -> Drain:
     stats = h.fake.stats()
     whole, steady = rates(done)
     api = (stats["ok"], stats["inputs"])
-    return Drain(backlog.rows, usage, cpu, whole, steady, done[0], done[-1], *api)
+    lo, hi = steady_span(done)
+    at = launched.timestamp()
+    steady_cpu = proc.cpu_between(at + done[lo], at + done[hi]) / (hi - lo)
+    return Drain(
+        backlog.rows, usage, cpu, whole, steady, done[0], done[-1], *api, 1000 * steady_cpu
+    )
 
 
 async def completion_times(conn: asyncpg.Connection, since: datetime) -> list[float]:
@@ -118,10 +124,16 @@ async def completion_times(conn: asyncpg.Connection, since: datetime) -> list[fl
     return [r[0] for r in rows]
 
 
+def steady_span(done: list[float]) -> tuple[int, int]:
+    """The indexes of the first and last completion of the steady state."""
+    n = len(done)
+    return int(n * STEADY[0]), int(n * STEADY[1]) - 1
+
+
 def rates(done: list[float]) -> tuple[float, float]:
     """(rows/s over the whole run, rows/s over the middle 80 % of completions)."""
     n = len(done)
-    lo, hi = int(n * STEADY[0]), int(n * STEADY[1]) - 1
+    lo, hi = steady_span(done)
     span = done[hi] - done[lo]
     steady = (hi - lo) / span if span > 0 else float("inf")
     return n / done[-1], steady

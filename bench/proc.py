@@ -38,6 +38,8 @@ class Watched:
     def __init__(self, command: list[str], env: dict[str, str], log_path: Path) -> None:
         self.command, self.env, self.log_path = command, env, log_path
         self.peak_rss = 0
+        # (epoch seconds, CPU seconds of the process): its CPU over any part of the run.
+        self.cpu_samples: list[tuple[float, float]] = []
         self._stop_sampling = threading.Event()
         self._proc: subprocess.Popen[bytes] | None = None
         self._started = 0.0
@@ -57,6 +59,8 @@ class Watched:
                 proc = psutil.Process(pid)
                 rss = proc.memory_info().rss
                 rss += sum(c.memory_info().rss for c in proc.children(recursive=True))
+                t = proc.cpu_times()
+                self.cpu_samples.append((time.time(), t.user + t.system))
             except psutil.Error:
                 return  # gone, or a zombie: nothing more to sample
             self.peak_rss = max(self.peak_rss, rss)
@@ -87,6 +91,14 @@ class Watched:
             self.peak_rss / _MB,
             self._proc.returncode,
         )
+
+    def cpu_between(self, start: float, end: float) -> float:
+        """CPU seconds the process used between two epoch times (nearest samples, 20 ms)."""
+
+        def at(when: float) -> float:
+            return min(self.cpu_samples, key=lambda s: abs(s[0] - when))[1]
+
+        return at(end) - at(start) if self.cpu_samples else float("nan")
 
     def log_tail(self, lines: int = 15) -> str:
         text = self.log_path.read_text(encoding="utf-8", errors="replace")

@@ -2,17 +2,23 @@
 
 from __future__ import annotations
 
+import asyncio
 import itertools
 import time
 
 import numpy as np
+import psutil
 from pgvector import Vector
 
 from bench import backlog, profiling
 from bench.backlog import Backlog, Drain
 from bench.harness import Harness, Pipeline
-from bench.proc import RSS_SAMPLE_S
+from bench.proc import RSS_SAMPLE_S, backend_count, backends_settled, postgres_cpu_s
 from bench.report import Result
+from syncer import app, capture, config, db
+from syncer.queue import Queue
+from syncer.worker import MAX_WRITE_ROWS
+from syncer.write import VectorStore, WriteBatch
 
 _seeds = itertools.count(1000)  # a new seed per backlog: texts the fake server never cached
 
@@ -69,9 +75,12 @@ async def api_bound(h: Harness, quick: bool) -> Result:
     return result
 
 
-async def raw_copy_rows_s(h: Harness, rows: int, dimensions: int, tries: int) -> float:
+async def raw_copy_rows_s(
+    h: Harness, rows: int, dimensions: int, tries: int
+) -> tuple[float, float]:
     """The database's ceiling: a binary COPY of as many vectors into a plain table; the
-    best of `tries` (a ceiling is what the database can do, not what it did once)."""
+    best of `tries` (a ceiling is what the database can do, not what it did once). Returns
+    (rows/s, PostgreSQL's CPU µs per row in that try)."""
     url = h.new_database()
     conn = await h.connect(url)
     try:
@@ -79,12 +88,15 @@ async def raw_copy_rows_s(h: Harness, rows: int, dimensions: int, tries: int) ->
         rng = np.random.default_rng(7)
         vectors = rng.standard_normal((rows, dimensions), dtype=np.float32)
         records = [(i, Vector(v)) for i, v in enumerate(vectors)]
-        best = 0.0
+        best = (0.0, 0.0)
         for _ in range(tries):
             await conn.execute("TRUNCATE raw")
+            cpu_before = postgres_cpu_s(h.postmaster_pid)
             started = time.perf_counter()
             await conn.copy_records_to_table("raw", records=records)
-            best = max(best, rows / (time.perf_counter() - started))
+            rate = rows / (time.perf_counter() - started)
+            cpu_us = 1e6 * (postgres_cpu_s(h.postmaster_pid) - cpu_before) / rows
+            best = max(best, (rate, cpu_us))
         return best
     finally:
         await conn.close()
@@ -94,7 +106,7 @@ async def raw_copy_rows_s(h: Harness, rows: int, dimensions: int, tries: int) ->
 async def db_bound(h: Harness, quick: bool) -> Result:
     rows, tries = rows_for(quick), 1 if quick else 3
     d = await fresh_drain(h, rows, 0.0)
-    copy = await raw_copy_rows_s(h, rows, API.dimensions, tries)
+    copy, copy_pg_us = await raw_copy_rows_s(h, rows, API.dimensions, tries)
     result = Result("db_bound")
     result.add("rows/s, whole run", d.whole_rows_s, "rows/s")
     result.at_least("rows/s, steady", d.steady_rows_s, "rows/s", 4000, "middle 80 %")
@@ -102,8 +114,68 @@ async def db_bound(h: Harness, quick: bool) -> Result:
     result.add("raw binary COPY", copy, "rows/s", note)
     result.at_least("steady / raw COPY", 100 * d.steady_rows_s / copy, "%", 40)
     add_costs(result, d)
+    # The ceiling: the CPU every row needs from each process, against the machine's cores.
+    sql_us = await statements_alone(h, rows)
+    fake_us = 1e6 * d.cpu.fake_s / rows
+    syncer_us = 1000 * d.steady_cpu_ms_per_row
+    note = f"COPY: {copy_pg_us:.1f} µs/row, {sql_us / copy_pg_us:.1f}x"
+    result.add("PostgreSQL CPU per row, syncer's SQL alone", sql_us, "µs", note)
+    result.add("fake server CPU per row", fake_us, "µs")
+    result.add("syncer CPU per row, steady", syncer_us, "µs", "middle 80 %, no start-up")
+    cores = psutil.cpu_count() or 1
+    for what, per_row in (
+        ("ceiling, all three", sql_us + fake_us + syncer_us),
+        ("ceiling, syncer free", sql_us + fake_us),
+    ):
+        ceiling = cores * 1e6 / per_row
+        note = f"{100 * ceiling / copy:.1f} % of COPY; {cores} cores / {per_row:.0f} µs CPU a row"
+        result.add(what, ceiling, "rows/s", note)
     result.sections["profile of the syncer"] = await profile(h, rows)
     return result
+
+
+async def statements_alone(h: Harness, rows: int) -> float:
+    """PostgreSQL's CPU per row for syncer's own statements on a backlog, run one after the
+    other on one connection by syncer's own code, with ready vectors and no API: inbox move,
+    claims and fetches the worker's size, hash-guarded writes with the queue items' removal.
+    A floor for the database's share of a drain (the drain adds concurrency and start-up)."""
+    b: Backlog = await backlog.prepare(h, rows, API, next(_seeds))
+    cfg = config.load(b.config, env=h.env())
+    p = cfg.pipelines[0]
+    claim = API.max_concurrency * API.batch_size * cfg.worker.in_flight_batches // 4
+    rng = np.random.default_rng(3)
+    vectors = rng.standard_normal((MAX_WRITE_ROWS, p.dimensions), dtype=np.float32)
+    try:
+        backends, before = backend_count(h.postmaster_pid), postgres_cpu_s(h.postmaster_pid)
+        pool = await db.create_pool(cfg.database.model_copy(update={"min_size": 1}))
+        try:
+            async with pool.acquire() as pooled:
+                rendered = await app.checked_pipeline(pooled, p)  # type: ignore[arg-type]
+            queue = Queue(pool, "bench", 60.0)
+            store = VectorStore(pool, rendered, p.target, p.vector_type)
+            await capture.move_inbox(pool)
+            while items := await queue.claim(p.name, claim):
+                fetched = await store.fetch([i.key for i in items])
+                for lo in range(0, len(items), MAX_WRITE_ROWS):
+                    part = slice(lo, lo + MAX_WRITE_ROWS)
+                    batch = WriteBatch(done_ids=[i.id for i in items[part]])
+                    for row, vector in zip(fetched[part], vectors, strict=False):
+                        batch.add_vector(row.key, vector, row.hash)
+                    await store.write(batch)
+        finally:
+            await pool.close()
+        await asyncio.to_thread(backends_settled, h.postmaster_pid, backends)
+        used = postgres_cpu_s(h.postmaster_pid) - before
+        check = await h.connect(b.url)
+        try:
+            written = await check.fetchval("SELECT count(*) FROM docs WHERE embedding IS NOT NULL")
+        finally:
+            await check.close()
+        if written != rows:
+            raise RuntimeError(f"syncer's statements wrote {written} of {rows} vectors")
+    finally:
+        h.drop_database(b.url)
+    return 1e6 * used / rows
 
 
 async def profile(h: Harness, rows: int) -> list[str]:

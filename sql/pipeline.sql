@@ -129,11 +129,18 @@ FROM unnest($1::jsonb[]) AS k(key) CROSS JOIN LATERAL jsonb_to_record(k.key) AS 
 
 -- rows_fetch --
 -- For each key: does the row exist, its current text and hash, and the stored hash.
-SELECT k.key::text, {key_first_s} IS NOT NULL, {text_fn}(s), {hash_fn}(s), {stored_hash}
+-- The LATERAL subquery (OFFSET 0 keeps the planner from flattening it) probes the key
+-- index once per key: a join the planner may choose instead reads the whole table for a
+-- batch of a few hundred keys once the table has some thousand rows.
+SELECT k.key::text, f.present IS NOT NULL, f.text, f.hash, f.stored
 FROM unnest($1::jsonb[]) AS k(key)
 CROSS JOIN LATERAL jsonb_to_record(k.key) AS r({key_defs})
-LEFT JOIN {src} s ON {key_eq_s_r}
-{target_join};
+LEFT JOIN LATERAL (
+    SELECT true AS present, {text_fn}(s) AS text, {hash_fn}(s) AS hash, {stored_hash} AS stored
+    FROM {src} s {target_join}
+    WHERE {key_eq_s_r}
+    OFFSET 0
+) f ON true;
 
 -- vectors_write_column --
 -- The hash guard: write only where the row's text still has the hash it was embedded

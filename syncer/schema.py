@@ -109,7 +109,6 @@ def render(p: PipelineConfig, key_columns: tuple[Column, ...]) -> PipelineSQL:
         "key_eq_s_i": eq("s", "i"),
         "key_eq_t_r": eq("t", "r"),
         "key_eq_s_t": eq("s", "t"),
-        "key_first_s": f"s.{_ident(keys[0])}",
         "key_defs": key_defs,
         "key_cols": ", ".join(_ident(k) for k in keys),
         "key_cols_i": cols("i"),

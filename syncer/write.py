@@ -71,10 +71,14 @@ class VectorStore:
         mark_own: bool = False,
     ) -> None:
         self.pool = pool
+        # A batch is a few hundred keys: probing the key index per key is always right. On a
+        # table of some ten thousand rows the planner prefers a merge join instead, reading
+        # the whole table and sorting the vectors on disk for every batch (twice the CPU).
         # Logical mode, column target: mark the write so the slot reader skips it.
-        self.begin = "SET LOCAL synchronous_commit = off; SET LOCAL syncer.writing = 'on'" + (
-            f"; SELECT pg_logical_emit_message(true, '{OWN_PREFIX}', '')" if mark_own else ""
-        )
+        self.begin = (
+            "SET LOCAL synchronous_commit = off; SET LOCAL syncer.writing = 'on'; "
+            "SET LOCAL enable_mergejoin = off; SET LOCAL enable_hashjoin = off"
+        ) + (f"; SELECT pg_logical_emit_message(true, '{OWN_PREFIX}', '')" if mark_own else "")
         self.vector_type = vector_type
         self.sql = rendered
         self.target = target
