@@ -50,6 +50,9 @@ CREATE TABLE IF NOT EXISTS syncer.queue (
     last_error      text
 );
 CREATE INDEX IF NOT EXISTS queue_pipeline_id ON syncer.queue (pipeline, id);
+-- An item is updated once (its claim), then deleted: room left on its page makes the claim
+-- a HOT update, with no new index entries (about 2 µs less database CPU an item).
+ALTER TABLE syncer.queue SET (fillfactor = 50);
 
 CREATE TABLE IF NOT EXISTS syncer.dead_letters (
     id              bigint GENERATED ALWAYS AS IDENTITY PRIMARY KEY,
