@@ -1,4 +1,4 @@
-"""capture_cost: what syncer's trigger capture costs the user's own writes.
+"""capture_cost: what syncer's capture costs the user's own writes.
 
 pgbench (the one bundled with the embedded server) runs the same workload on two tables of
 the same shape, one plain and one with syncer's capture installed; the arms alternate, and
@@ -15,7 +15,11 @@ each keeps its best round (noise only ever slows a run down). Three arms:
   server decodes the WAL of every table, so a round starts once the reader has caught up
   with what the other arms wrote;
 - logical, no reader: the slot exists and keeps the WAL, nobody reads it: the cost inside
-  the user's transaction (wal_level = logical, which every arm here runs with).
+  the user's transaction (wal_level = logical, which every arm here runs with);
+- bare trigger: not syncer, the floor of any trigger capture. Triggers of syncer's shape
+  (row-level UPDATE behind the same WHEN, statement-level INSERT with a transition table)
+  whose body only inserts the key into an unindexed one-column table: no NOTIFY, no
+  SECURITY DEFINER, nothing to drain it.
 """
 
 from __future__ import annotations
@@ -37,15 +41,34 @@ from bench.report import Result
 from bench.texts import texts
 
 BULK_ROWS = 10_000
-ARMS = ("plain", "captured", "captured, no worker", "logical", "logical, no reader")
+ARMS = (
+    "plain",
+    "captured",
+    "captured, no worker",
+    "logical",
+    "logical, no reader",
+    "bare trigger",
+)
 TABLES = {
     "plain": "plain_docs",
     "captured": "captured_docs",
     "captured, no worker": "captured_docs",
     "logical": "logical_docs",
     "logical, no reader": "logical_docs",
+    "bare trigger": "bare_docs",
 }
-SOURCE_TABLES = ("plain_docs", "captured_docs", "logical_docs")
+SOURCE_TABLES = ("plain_docs", "captured_docs", "logical_docs", "bare_docs")
+BARE_TRIGGERS = """
+CREATE TABLE bare_capture (id bigint);
+CREATE FUNCTION bare_update() RETURNS trigger LANGUAGE plpgsql AS $$
+BEGIN INSERT INTO bare_capture (id) VALUES (NEW.id); RETURN NULL; END $$;
+CREATE FUNCTION bare_insert() RETURNS trigger LANGUAGE plpgsql AS $$
+BEGIN INSERT INTO bare_capture (id) SELECT id FROM new_rows; RETURN NULL; END $$;
+CREATE TRIGGER bare_update AFTER UPDATE ON bare_docs FOR EACH ROW
+    WHEN (OLD.body IS DISTINCT FROM NEW.body) EXECUTE FUNCTION bare_update();
+CREATE TRIGGER bare_insert AFTER INSERT ON bare_docs REFERENCING NEW TABLE AS new_rows
+    FOR EACH STATEMENT EXECUTE FUNCTION bare_insert();
+"""
 LOGICAL = {"mode": "logical", "slot": "bench_capture", "publication": "bench_capture"}
 _TPS_RE = re.compile(r"^tps = ([0-9.]+)", re.MULTILINE)
 _DONE_RE = re.compile(r"^number of transactions actually processed: ([0-9]+)", re.MULTILINE)
@@ -142,6 +165,9 @@ async def _compare(h: Harness, database: str, configs: dict[str, Path], sizes: S
         note = "in the logical arm's best round (plain: server CPU above)"
         result.add(f"{w.name}, logical: walsender CPU per tx", logical.walsender_us, "µs", note)
         result.add(f"{w.name}, logical: reader CPU per tx", logical.reader_us, "µs", note)
+        bare = best["bare trigger"]
+        note = f"floor of trigger capture; server CPU per tx x{bare.server_cpu_us / plain.server_cpu_us:.2f}"
+        result.add(f"{w.name}, bare trigger / plain", bare.tps / plain.tps, "x", note)
     return result
 
 
@@ -154,7 +180,8 @@ async def _arm(
     conn = await h.connect(url)
     try:
         await conn.execute("CHECKPOINT")
-        if arm == "plain":
+        if arm in ("plain", "bare trigger"):
+            await conn.execute("TRUNCATE bare_capture")
             return await _pgbench(h, database, w, sizes, TABLES[arm])
         await conn.execute("TRUNCATE syncer.inbox, syncer.queue")
         await conn.execute("SELECT setval('syncer.awake_until', 0)")
@@ -209,8 +236,8 @@ LISTENING = (
 
 
 async def _prepare(h: Harness, rows: int) -> tuple[str, dict[str, Path]]:
-    """Three tables of the same shape and content; trigger capture installed on one,
-    logical capture on another. Returns the database's name and the configs by arm."""
+    """Four tables of the same shape and content; trigger capture installed on one,
+    logical capture on another, bare triggers on a third. Returns the database's name and the configs by arm."""
     url = h.new_database()
     conn = await h.connect(url)
     try:
@@ -224,6 +251,7 @@ async def _prepare(h: Harness, rows: int) -> tuple[str, dict[str, Path]]:
             )
             for _ in range(rows // BULK_ROWS):
                 await conn.execute(f"INSERT INTO {table} (body) SELECT body FROM bench_texts")
+        await conn.execute(BARE_TRIGGERS)
         configs = {
             "captured": h.write_config(url, Pipeline(), table="public.captured_docs"),
             "logical": h.write_config(

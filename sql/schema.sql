@@ -29,6 +29,11 @@ CREATE TABLE IF NOT EXISTS syncer.inbox (
     pipeline text NOT NULL,
     key      jsonb NOT NULL
 );
+-- Every row is deleted soon after its insert, and each move scans the table: dead rows left
+-- to pile up make every move slower. Workers VACUUM it as they go (capture.InboxMover);
+-- autovacuum's thresholds are for a worker whose role may not.
+ALTER TABLE syncer.inbox SET (autovacuum_vacuum_scale_factor = 0,
+                              autovacuum_vacuum_threshold = 10000);
 
 -- Until when (epoch seconds) some worker is awake and will look at the inbox again before
 -- it sleeps; 0: none is. A sequence because setval is seen by every session at once,

@@ -3,14 +3,18 @@ NOTIFY while a worker is awake never strands a change."""
 
 from __future__ import annotations
 
+import asyncio
 import threading
 import time
 from typing import Any
 
+import asyncpg
 import numpy as np
 import psycopg
 
+from syncer.capture import InboxMover
 from syncer.fake_embedder import FakeEmbedderProcess, fake_vector
+from syncer.sqlfiles import query
 from tests.conftest import start_syncer, syncer, wait_for
 from tests.test_pipeline import DEFAULT_PIPELINE, assert_synced, create_docs
 from tests.test_processes import stop_all
@@ -172,3 +176,62 @@ def test_run_asks_for_install_after_an_upgrade(
     r = syncer(config, "run", "--exit-when-idle")
     assert r.returncode == 0, r.stderr
     assert assert_synced(db) == 1
+
+
+async def test_the_mover_keeps_the_inbox_from_filling_with_dead_rows(
+    db: psycopg.Connection[Any], db_url: str, make_config: Any
+) -> None:
+    """Each move scans the whole inbox, dead rows included: left to autovacuum (a minute
+    away), a steady stream makes every move slower. The mover vacuums it as it goes."""
+    create_docs(db)
+    assert syncer(make_config(), "install").returncode == 0
+    db.execute("ALTER TABLE syncer.inbox SET (autovacuum_enabled = off)")  # no help from it
+    pool = await asyncpg.create_pool(db_url, min_size=1, max_size=2)
+    try:
+        mover = InboxMover(pool, {}, asyncio.Event(), poll_s=1.0)
+        mover.may_vacuum = bool(await pool.fetchval(query("inbox_may_vacuum")))
+        assert mover.may_vacuum  # the test's role owns the inbox
+        rows, per_move = 60_000, 500  # ~430 pages of inbox rows in all
+        for start in range(0, rows, per_move):
+            db.execute(
+                "INSERT INTO syncer.inbox SELECT 'docs', jsonb_build_object('id', g) "
+                "FROM generate_series(%s::int, %s::int) g",
+                (start, start + per_move - 1),
+            )
+            assert await mover.move_all() == per_move
+        pages = db.execute("SELECT pg_relation_size('syncer.inbox') / 8192").fetchone()
+        queued = db.execute("SELECT count(*) FROM syncer.queue").fetchone()
+    finally:
+        await pool.close()
+    assert queued == (rows,)
+    assert pages is not None and pages[0] < 150, f"{pages[0]} pages of inbox for an empty inbox"
+
+
+async def test_a_role_that_cannot_vacuum_the_inbox_is_told_and_still_moves(
+    db: psycopg.Connection[Any], db_url: str, make_config: Any, caplog: Any
+) -> None:
+    create_docs(db)
+    assert syncer(make_config(), "install").returncode == 0
+    role = f"mover_{db.info.dbname}"
+    db.execute(f"CREATE ROLE {role} LOGIN")
+    db.execute(f"GRANT USAGE ON SCHEMA syncer TO {role}")
+    db.execute(f"GRANT SELECT, INSERT, UPDATE, DELETE ON ALL TABLES IN SCHEMA syncer TO {role}")
+    db.execute(f"GRANT USAGE, SELECT, UPDATE ON ALL SEQUENCES IN SCHEMA syncer TO {role}")
+    db.execute("INSERT INTO syncer.inbox VALUES ('docs', '{\"id\": 1}')")
+    pool = await asyncpg.create_pool(db_url, min_size=1, max_size=2, user=role)
+    stop = asyncio.Event()
+    try:
+        mover = InboxMover(pool, {}, asyncio.Event(), poll_s=0.05)
+        task = asyncio.create_task(mover.run(stop))
+        deadline = time.monotonic() + 10
+        while db.execute("SELECT count(*) FROM syncer.queue").fetchone() != (1,):
+            assert time.monotonic() < deadline, "the key never reached the queue"
+            await asyncio.sleep(0.02)
+        stop.set()
+        await asyncio.wait_for(task, 10)
+    finally:
+        await pool.close()
+        db.execute(f"DROP OWNED BY {role}")
+        db.execute(f"DROP ROLE {role}")
+    assert not mover.may_vacuum
+    assert any("cannot VACUUM syncer.inbox" in r.getMessage() for r in caplog.records)
