@@ -118,7 +118,14 @@ def render(p: PipelineConfig, key_columns: tuple[Column, ...]) -> PipelineSQL:
         "hash_column": _ident(p.hash_column),
         "vector_type": p.vector_type,
         "target_table": target_table,
-        "target_join": f"LEFT JOIN {target_table} t ON {eq('t', 's')}" if table_target else "",
+        # LATERAL (kept apart by OFFSET 0): one index probe per source row. A plain join
+        # let the planner scan the side table from its start for every backfill page.
+        "target_join": (
+            f"LEFT JOIN LATERAL (SELECT t.content_hash FROM {target_table} t "
+            f"WHERE {eq('t', 's')} OFFSET 0) t ON true"
+            if table_target
+            else ""
+        ),
         "stored_hash": "t.content_hash" if table_target else f"s.{_ident(p.hash_column)}",
     }
     after_next = (

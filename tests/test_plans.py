@@ -87,6 +87,8 @@ async def test_a_batch_reads_its_own_rows_only(installed: Path, name: str) -> No
         vectors = [Vector(np.full(8, 0.5, dtype=np.float32))] * BATCH
 
         fetched = await explain(conn, rendered["rows_fetch"], keys)
+        # A backfill page from the middle of the table (keyset pagination).
+        paged = await explain(conn, rendered["backfill_next"], keys[0], BATCH, False)
         async with conn.transaction():
             await conn.execute(store.begin)
             if p.target == "column":
@@ -105,3 +107,4 @@ async def test_a_batch_reads_its_own_rows_only(installed: Path, name: str) -> No
     # reading the whole table would be ROWS.
     assert fetched and max(fetched.values()) <= BATCH, fetched
     assert written and max(written.values()) <= BATCH, written
+    assert max(paged.values()) <= BATCH, paged
