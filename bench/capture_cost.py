@@ -237,7 +237,8 @@ LISTENING = (
 
 async def _prepare(h: Harness, rows: int) -> tuple[str, dict[str, Path]]:
     """Four tables of the same shape and content; trigger capture installed on one,
-    logical capture on another, bare triggers on a third. Returns the database's name and the configs by arm."""
+    logical capture on another, bare triggers on a third. Returns the database's name and
+    the configs by arm."""
     url = h.new_database()
     conn = await h.connect(url)
     try:

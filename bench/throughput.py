@@ -17,7 +17,7 @@ from bench.proc import RSS_SAMPLE_S, backend_count, backends_settled, postgres_c
 from bench.report import Result
 from syncer import app, capture, config, db
 from syncer.queue import Queue
-from syncer.worker import MAX_WRITE_ROWS
+from syncer.worker import MAX_WRITE_ROWS, window
 from syncer.write import VectorStore, WriteBatch
 
 _seeds = itertools.count(1000)  # a new seed per backlog: texts the fake server never cached
@@ -142,7 +142,7 @@ async def statements_alone(h: Harness, rows: int) -> float:
     b: Backlog = await backlog.prepare(h, rows, API, next(_seeds))
     cfg = config.load(b.config, env=h.env())
     p = cfg.pipelines[0]
-    claim = API.max_concurrency * API.batch_size * cfg.worker.in_flight_batches // 4
+    claim = window(p, cfg.providers[p.provider], cfg.worker)[2]  # the worker's, while busy
     rng = np.random.default_rng(3)
     vectors = rng.standard_normal((MAX_WRITE_ROWS, p.dimensions), dtype=np.float32)
     try:

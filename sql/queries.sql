@@ -40,12 +40,12 @@ SELECT c.pipeline, c.queued, (SELECT count(*) FROM moved)::int AS taken,
        (SELECT 1 FROM pg_notify('syncer', c.pipeline)) AS notified
 FROM counted c;
 
--- may_vacuum --
--- Can this role VACUUM table $1 (its owner, or MAINTAIN from PostgreSQL 17 on)?
+-- inbox_may_vacuum --
+-- Can this role VACUUM syncer.inbox (its owner, or MAINTAIN from PostgreSQL 17 on)?
 SELECT CASE WHEN current_setting('server_version_num')::int >= 170000
-            THEN has_table_privilege($1::text::regclass, 'MAINTAIN')
+            THEN has_table_privilege('syncer.inbox', 'MAINTAIN')
             ELSE pg_has_role((SELECT relowner FROM pg_class
-                              WHERE oid = $1::text::regclass), 'USAGE') END;
+                              WHERE oid = 'syncer.inbox'::regclass), 'USAGE') END;
 
 -- awake_set --
 -- Tell the capture triggers a worker is awake for $1 more seconds (0: asleep), on the

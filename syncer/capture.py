@@ -121,7 +121,7 @@ class InboxMover:
         self.may_vacuum = False
 
     async def run(self, stop: asyncio.Event) -> None:
-        self.may_vacuum = bool(await self.pool.fetchval(query("may_vacuum"), "syncer.inbox"))
+        self.may_vacuum = bool(await self.pool.fetchval(query("inbox_may_vacuum")))
         if not self.may_vacuum:
             log.warning(
                 "this role cannot VACUUM syncer.inbox: its dead rows wait for autovacuum, "

@@ -72,6 +72,15 @@ class EmbedJob:
         return [i for ids in self.ids for i in ids]
 
 
+def window(p: PipelineConfig, provider: ProviderConfig, wcfg: WorkerConfig) -> tuple[int, int, int]:
+    """(texts per API request, items in flight at most, items per claim while busy)."""
+    request_inputs = min(p.batch_size, provider.max_inputs_per_request)
+    capacity = provider.max_concurrency * request_inputs * wcfg.in_flight_batches
+    # While busy, claim in chunks of a quarter of the window: every claim costs a claim and
+    # a fetch round trip, and 64-row claims cannot keep 8 requests busy.
+    return request_inputs, capacity, max(request_inputs, capacity // 4)
+
+
 class ProviderPaused(Exception):
     """Raised out of an --exit-when-idle run when a provider refuses every request."""
 
@@ -100,11 +109,7 @@ class PipelineRunner:
         self.pcfg = provider
         max_concurrency = provider.max_concurrency
         self.n_embedders = max_concurrency
-        self.request_inputs = min(p.batch_size, provider.max_inputs_per_request)
-        self.capacity = max_concurrency * self.request_inputs * wcfg.in_flight_batches
-        # While busy, claim in chunks of a quarter of the window: every claim costs a
-        # claim and a fetch round trip, and 64-row claims cannot keep 8 requests busy.
-        self.claim_min = max(self.request_inputs, self.capacity // 4)
+        self.request_inputs, self.capacity, self.claim_min = window(p, provider, wcfg)
         self.in_flight: set[int] = set()
         # (key, hash) being embedded -> the queue items its result completes: an item for
         # the same text claimed meanwhile joins them instead of paying for a second call.
