@@ -18,8 +18,9 @@ from syncer.capture import move_inbox
 from syncer.config import Config, PipelineConfig
 from syncer.db import connect, create_pool, ensure_vector_extension
 from syncer.embed import Embedder, OpenAIEmbedder
+from syncer.errors import SchemaError
 from syncer.observe import Events
-from syncer.schema import PipelineSQL, SchemaError
+from syncer.schema import PipelineSQL
 from syncer.sqlfiles import query
 from syncer.worker import ProviderPaused, Worker
 

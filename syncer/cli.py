@@ -15,11 +15,10 @@ import orjson
 
 from syncer import app
 from syncer import config as config_mod
-from syncer.config import Config, ConfigError
-from syncer.db import DatabaseError
+from syncer.config import Config
 from syncer.demo import demo
+from syncer.errors import ConfigError, DatabaseError, SchemaError
 from syncer.observe import setup_logging
-from syncer.schema import SchemaError
 
 T = TypeVar("T")
 

@@ -16,12 +16,10 @@ from typing import Any, Literal
 import orjson
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
 
+from syncer.errors import ConfigError
+
 DEFAULT_PATH = Path("syncer.toml")
 _NAME_RE = re.compile(r"^[a-z_][a-z0-9_]{0,40}$")
-
-
-class ConfigError(Exception):
-    """A configuration problem; the message names the file and the key."""
 
 
 class _Model(BaseModel):

@@ -8,10 +8,7 @@ import asyncpg
 from pgvector.asyncpg import register_vector
 
 from syncer.config import DatabaseConfig
-
-
-class DatabaseError(Exception):
-    """The database cannot be reached or lacks what syncer needs."""
+from syncer.errors import DatabaseError
 
 
 async def _vector_schema(conn: asyncpg.Connection) -> str | None:

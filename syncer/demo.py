@@ -30,11 +30,10 @@ from click.core import ParameterSource
 
 from syncer import app, embedded_pg
 from syncer import config as config_mod
-from syncer.config import Config, ConfigError
-from syncer.db import DatabaseError
+from syncer.config import Config
+from syncer.errors import ConfigError, DatabaseError, SchemaError
 from syncer.fake_embedder import FakeEmbedderError, FakeEmbedderProcess
 from syncer.observe import Events, Stats, setup_logging
-from syncer.schema import SchemaError
 from syncer.sqlfiles import query
 
 PIPELINE = "articles"

@@ -10,7 +10,6 @@ import asyncio
 import binascii
 import email.utils
 import logging
-import random
 import re
 import time
 from collections.abc import Sequence
@@ -299,12 +298,3 @@ def _vector(provider: str, emb: Any) -> np.ndarray[Any, np.dtype[np.float32]]:
         except (TypeError, ValueError):
             raise RetryableError(f"provider {provider}: embedding holds non-numbers") from None
     raise RetryableError(f"provider {provider}: embedding of type {type(emb).__name__}")
-
-
-def backoff_s(attempt: int, base_s: float, cap_s: float, err: Exception | None = None) -> float:
-    """Full-jitter exponential backoff; a Retry-After is a floor, never shortened."""
-    delay = random.uniform(0, min(cap_s, base_s * (2 ** max(0, attempt - 1))))
-    retry_after = getattr(err, "retry_after_s", None)
-    if retry_after:
-        delay = max(delay, float(retry_after))
-    return delay

@@ -1,4 +1,10 @@
-"""Errors with a meaning, so the retry policy is decided in one place (the worker)."""
+"""syncer's errors, one hierarchy rooted in SyncerError.
+
+Two families: errors that end a command (ConfigError, DatabaseError, SchemaError), whose
+message is the one line the user sees, and errors of one embedding request (retryable,
+one bad input, or a provider that refuses everything), which syncer.retry turns into an
+outcome for each queue item.
+"""
 
 from __future__ import annotations
 
@@ -7,6 +13,22 @@ class SyncerError(Exception):
     """Base class of syncer's own errors."""
 
     error_class = "error"
+
+
+class ConfigError(SyncerError):
+    """A configuration problem; the message names the file and the key."""
+
+
+class DatabaseError(SyncerError):
+    """The database cannot be reached or lacks what syncer needs."""
+
+
+class SchemaError(SyncerError):
+    """The database does not match the configuration; the message says what and where."""
+
+
+class SlotError(SchemaError):
+    """The slot or publication is missing or unusable; the message says what to run."""
 
 
 class RetryableError(SyncerError):

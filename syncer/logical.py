@@ -37,7 +37,8 @@ import psycopg2.errors
 import psycopg2.extras
 
 from syncer.config import Config, PipelineConfig
-from syncer.schema import PipelineSQL, SchemaError
+from syncer.errors import SlotError
+from syncer.schema import PipelineSQL
 from syncer.write import OWN_PREFIX
 
 log = logging.getLogger("syncer.logical")
@@ -50,10 +51,6 @@ IDLE_WAIT_S = 0.2  # the longest the reader sleeps between looks at the stop fla
 _I16 = struct.Struct("!h")
 _I32 = struct.Struct("!i")
 _U64 = struct.Struct("!Q")
-
-
-class SlotError(SchemaError):
-    """The slot or publication is missing or unusable; the message says what to run."""
 
 
 @dataclass(frozen=True)

@@ -15,12 +15,9 @@ from psycopg import sql
 
 from syncer import sqlfiles
 from syncer.config import CaptureConfig, PipelineConfig, split_table
+from syncer.errors import SchemaError
 
 SCHEMA_VERSION = 2
-
-
-class SchemaError(Exception):
-    """The database does not match the configuration; the message says what and where."""
 
 
 @dataclass(frozen=True)

@@ -25,7 +25,7 @@ import asyncpg
 
 from syncer.capture import always_caught_up, start_capture_side, wait_first
 from syncer.config import Config, PipelineConfig, ProviderConfig, WorkerConfig
-from syncer.embed import Embedder, EmbedRequest, Vectors, backoff_s
+from syncer.embed import Embedder, EmbedRequest, Vectors
 from syncer.errors import (
     CircuitOpenError,
     InputError,
@@ -36,6 +36,7 @@ from syncer.errors import (
 from syncer.limits import estimate_tokens, pack_requests, truncate_to_tokens
 from syncer.observe import Events
 from syncer.queue import Failure, Item, Queue
+from syncer.retry import backoff_s
 from syncer.schema import PipelineSQL
 from syncer.write import SourceRow, VectorStore, WriteBatch
 
@@ -248,10 +249,7 @@ class PipelineRunner:
         for idx, row in enumerate(rows):
             ids = ids_by_key[row.key]
             if not row.present or row.text is None:
-                if self.p.target == "table":
-                    now.delete_keys.append(row.key)
-                elif row.present and row.stored_hash is not None:
-                    now.add_vector(row.key, None, None)
+                self.store.clear(now, row)
                 now.done_ids += ids
                 now.outcomes["cleared"] += len(ids)
             elif row.hash == row.stored_hash:
@@ -493,7 +491,7 @@ class Worker:
         self.queue = Queue(pool, self.worker_id, cfg.worker.lease_s)
         self.wakeups = {p.name: asyncio.Event() for p in cfg.pipelines}
         self.rendered = rendered
-        # Logical mode: a column target's vector writes would come back through the slot.
+        # Logical mode: vector writes to a watched table would come back through the slot.
         mark_own = cfg.capture.mode == "logical"
         self.runners = [
             PipelineRunner(
@@ -505,7 +503,7 @@ class Worker:
                     rendered[p.name],
                     p.target,
                     p.vector_type,
-                    mark_own and p.target == "column",
+                    mark_own,
                 ),
                 embedders[p.provider],
                 p.provider,

@@ -78,7 +78,11 @@ class VectorStore:
         self.begin = (
             "SET LOCAL synchronous_commit = off; SET LOCAL syncer.writing = 'on'; "
             "SET LOCAL enable_mergejoin = off; SET LOCAL enable_hashjoin = off"
-        ) + (f"; SELECT pg_logical_emit_message(true, '{OWN_PREFIX}', '')" if mark_own else "")
+        ) + (
+            f"; SELECT pg_logical_emit_message(true, '{OWN_PREFIX}', '')"
+            if mark_own and target == "column"  # only a column target writes a watched table
+            else ""
+        )
         self.vector_type = vector_type
         self.sql = rendered
         self.target = target
@@ -86,6 +90,13 @@ class VectorStore:
     async def fetch(self, keys: Sequence[str]) -> list[SourceRow]:
         rows = await self.pool.fetch(self.sql["rows_fetch"], list(keys))
         return [SourceRow(r[0], r[1], r[2], r[3], r[4]) for r in rows]
+
+    def clear(self, batch: WriteBatch, row: SourceRow) -> None:
+        """The row is gone or has no text: its vector must go too."""
+        if self.target == "table":
+            batch.delete_keys.append(row.key)
+        elif row.present and row.stored_hash is not None:
+            batch.add_vector(row.key, None, None)
 
     async def write(self, batch: WriteBatch) -> int:
         """Returns how many vectors were written (rows whose text changed meanwhile are not).
