@@ -33,7 +33,7 @@ from syncer import config as config_mod
 from syncer.config import Config
 from syncer.errors import ConfigError, DatabaseError, SchemaError
 from syncer.fake_embedder import FakeEmbedderError, FakeEmbedderProcess
-from syncer.observe import Events, Stats, setup_logging
+from syncer.observe import Event, Events, Failed, InFlightChanged, Stats, setup_logging
 from syncer.sqlfiles import query
 
 PIPELINE = "articles"
@@ -96,22 +96,19 @@ class Interrupted(Exception):
     """Ctrl-C or SIGTERM arrived while the worker ran."""
 
 
-class DemoEvents(Events):
-    """Also remembers how many items the worker holds, so "settled" can be waited on,
-    and the last failure, so a broken provider ends the demo at once with its reason."""
+class DemoWatch:
+    """Remembers how many items the worker holds, so "settled" can be waited on, and the
+    last failure, so a broken provider ends the demo at once with its reason."""
 
     def __init__(self) -> None:
-        super().__init__()
         self.holding = 0
         self.error: str | None = None
 
-    def in_flight(self, pipeline: str, n: int) -> None:
-        super().in_flight(pipeline, n)
-        self.holding = n
-
-    def failed(self, pipeline: str, outcome: str, n: int, error: str) -> None:
-        super().failed(pipeline, outcome, n, error)
-        self.error = error
+    def __call__(self, event: Event) -> None:
+        if isinstance(event, InFlightChanged):
+            self.holding = event.n
+        elif isinstance(event, Failed):
+            self.error = event.error
 
 
 def sample_rows(n: int) -> list[tuple[int, str, str, int]]:
@@ -141,7 +138,9 @@ class Tour:
 
     def __init__(self, conn: asyncpg.Connection, fake: FakeEmbedderProcess | None) -> None:
         self.conn, self.fake = conn, fake
-        self.events = DemoEvents()
+        self.events = Events()
+        self.watch = DemoWatch()
+        self.events.subscribe(self.watch)
         self.stop = asyncio.Event()
         self.worker: asyncio.Task[app.RunResult] | None = None
         self.ignored = 0  # rows updated without a change of their text
@@ -167,8 +166,8 @@ class Tour:
                 deadline, done = time.monotonic() + STEP_TIMEOUT_S, self.finished()
             if self.stop.is_set():
                 raise Interrupted
-            if self.events.error:
-                raise click.ClickException(f"the embedding API failed: {self.events.error}")
+            if self.watch.error:
+                raise click.ClickException(f"the embedding API failed: {self.watch.error}")
             if self.worker is not None and self.worker.done():
                 err = "cancelled" if self.worker.cancelled() else repr(self.worker.exception())
                 raise click.ClickException(f"the worker stopped: {err}")
@@ -185,7 +184,7 @@ class Tour:
         counting the outcome, so the figures are final), then check every vector is fresh."""
 
         async def idle() -> bool:
-            return await self.pending() == 0 and self.events.holding == 0
+            return await self.pending() == 0 and self.watch.holding == 0
 
         await self.wait_until(idle, what)
         sql = f"SELECT count(*) FROM {PIPELINE} a WHERE NOT {FRESH_SQL}"

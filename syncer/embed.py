@@ -45,6 +45,9 @@ class EmbedRequest:
     dimensions: int
     send_dimensions: bool = True
     tokens: int = 0  # estimated, for the TPM limit
+    # One input already traced as failing where its neighbours did not: its failures say
+    # nothing about the provider, so the breaker does not count them.
+    suspect: bool = False
 
 
 class Embedder(Protocol):
@@ -143,13 +146,13 @@ class OpenAIEmbedder:
                 # model and the config disagree: no retry can fix that.
                 self._dimension_errors += 1
                 if self._dimension_errors < DIMENSION_ERRORS_FATAL:
-                    self._failed(err)
+                    self._failed(err, req)
                     raise
                 fatal = ProviderError(str(err))
                 self._refuse(fatal)
                 raise fatal from None
             except RetryableError as err:
-                self._failed(err)
+                self._failed(err, req)
                 raise
             except ProviderError as err:
                 self._refuse(err)
@@ -165,9 +168,10 @@ class OpenAIEmbedder:
             self.breaker.record_success()
             return vectors
 
-    def _failed(self, err: Exception) -> None:
+    def _failed(self, err: Exception, req: EmbedRequest) -> None:
         self._last_error = str(err)
-        self.breaker.record_failure()
+        if not req.suspect:
+            self.breaker.record_failure()
 
     def _refuse(self, err: ProviderError) -> None:
         if self.refused_until < time.monotonic():

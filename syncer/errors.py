@@ -67,6 +67,12 @@ class InputError(SyncerError):
         self.index = index
 
 
+class InputTooLongError(InputError):
+    """A text over the model's input limit, with `on_too_long = "dead_letter"`."""
+
+    error_class = "input_too_long"
+
+
 class ProviderError(SyncerError):
     """The provider refuses every request (bad key, unknown model, wrong dimensions)."""
 

@@ -50,7 +50,9 @@ MAX_INPUTS_PER_REQUEST = 2048
 MAX_DIMENSIONS = 16384
 DEFAULT_MAX_TOKENS_PER_INPUT = 8191
 RATE_WINDOW_S = 60.0
-BAD_INPUT_MARKER = "__FAKE_BAD_INPUT__"
+BAD_INPUT_MARKER = "__FAKE_BAD_INPUT__"  # a request holding it is answered 400, naming it
+# A request holding it is answered 500, naming nothing: some providers fail so on one input.
+ALWAYS_500_MARKER = "__FAKE_ALWAYS_500__"
 FAULT_KINDS = frozenset(
     {"status", "hang", "reset", "malformed", "wrong_count", "wrong_dim", "nan", "bad_base64"}
     | {"missing_index"}
@@ -280,6 +282,9 @@ class _FakeServer:
                 raise _ApiError(400, message, param=param)
             if BAD_INPUT_MARKER in text:
                 raise _ApiError(400, f"Input at index {index} is invalid.", param=param)
+            if ALWAYS_500_MARKER in text:
+                message, kind, _ = _STATUS_ERRORS[500]
+                raise _ApiError(500, message, kind=kind)
             total += tokens
         return total
 

@@ -1,8 +1,9 @@
-"""Metrics and logs, emitted at the stage boundaries and nowhere else.
+"""Typed events and their subscribers: metrics, logs and in-process stats.
 
-Business code calls `events.<stage>(...)`; this module turns each event into
-Prometheus samples, in-process counters (for `demo` and `--exit-when-idle` summaries)
-and log lines.
+Business code emits an event at each stage boundary (`events.emit(Claimed(...))`) and holds
+no metric or log call of its own for it. Prometheus samples, the in-process counters (for
+`demo` and the `--exit-when-idle` summary) and the log lines are subscribers; the demo and
+the benchmark subscribe handlers of their own. A new metric is a new line in a handler.
 """
 
 from __future__ import annotations
@@ -11,12 +12,77 @@ import logging
 import sys
 import time
 from collections import defaultdict
+from collections.abc import Callable
 from dataclasses import dataclass
 
 import orjson
 from prometheus_client import Counter, Gauge, Histogram
 
 log = logging.getLogger("syncer")
+
+# --- the events ---------------------------------------------------------------------------
+
+
+@dataclass(frozen=True, slots=True)
+class Claimed:
+    pipeline: str
+    n: int
+
+
+@dataclass(frozen=True, slots=True)
+class InFlightChanged:
+    pipeline: str
+    n: int  # items claimed and not yet finished
+
+
+@dataclass(frozen=True, slots=True)
+class ApiRequest:
+    provider: str
+    pipeline: str
+    n_inputs: int
+    seconds: float
+    result: str  # "ok", or the error class
+
+
+@dataclass(frozen=True, slots=True)
+class Finished:
+    pipeline: str
+    outcome: str  # embedded, unchanged, cleared, stale
+    n: int
+
+
+@dataclass(frozen=True, slots=True)
+class Failed:
+    pipeline: str
+    outcome: str  # retried, dead_lettered
+    n: int
+    error: str
+
+
+Event = Claimed | InFlightChanged | ApiRequest | Finished | Failed
+Handler = Callable[[Event], None]
+
+
+class Events:
+    """The bus: every event goes to every subscriber, in order, on the caller's task."""
+
+    def __init__(self) -> None:
+        self.stats_handler = StatsHandler()
+        self.handlers: list[Handler] = [prometheus, self.stats_handler, log_handler]
+
+    @property
+    def stats(self) -> dict[str, Stats]:
+        return self.stats_handler.stats
+
+    def subscribe(self, handler: Handler) -> None:
+        self.handlers.append(handler)
+
+    def emit(self, event: Event) -> None:
+        for handler in self.handlers:
+            handler(event)
+
+
+# --- Prometheus ---------------------------------------------------------------------------
 
 ROWS = Counter("syncer_rows_total", "Queue items finished, by outcome", ["pipeline", "outcome"])
 API_REQUESTS = Counter(
@@ -33,6 +99,24 @@ IN_FLIGHT = Gauge("syncer_in_flight_items", "Claimed items not yet finished", ["
 CLAIMS = Counter("syncer_claims_total", "Claim queries", ["pipeline"])
 
 
+def prometheus(event: Event) -> None:
+    match event:
+        case Claimed(pipeline):
+            CLAIMS.labels(pipeline).inc()
+        case InFlightChanged(pipeline, n):
+            IN_FLIGHT.labels(pipeline).set(n)
+        case ApiRequest(provider, _, n_inputs, seconds, result):
+            API_REQUESTS.labels(provider, result).inc()
+            API_SECONDS.labels(provider).observe(seconds)
+            if result == "ok":
+                API_INPUTS.labels(provider).inc(n_inputs)
+        case Finished(pipeline, outcome, n) | Failed(pipeline, outcome, n) if n:
+            ROWS.labels(pipeline, outcome).inc(n)
+
+
+# --- in-process stats ---------------------------------------------------------------------
+
+
 @dataclass
 class Stats:
     claimed: int = 0
@@ -47,42 +131,39 @@ class Stats:
     api_errors: int = 0
 
 
-class Events:
-    """The one place where stage boundaries become metrics and logs."""
-
+class StatsHandler:
     def __init__(self) -> None:
         self.stats: dict[str, Stats] = defaultdict(Stats)
 
-    def claimed(self, pipeline: str, n: int) -> None:
-        CLAIMS.labels(pipeline).inc()
-        self.stats[pipeline].claimed += n
+    def __call__(self, event: Event) -> None:
+        match event:
+            case Claimed(pipeline, n):
+                self.stats[pipeline].claimed += n
+            case ApiRequest(_, pipeline, n_inputs, _, result):
+                s = self.stats[pipeline]
+                s.api_calls += 1
+                if result == "ok":
+                    s.api_inputs += n_inputs
+                else:
+                    s.api_errors += 1
+            case Finished(pipeline, outcome, n) | Failed(pipeline, outcome, n) if n:
+                s = self.stats[pipeline]
+                setattr(s, outcome, getattr(s, outcome) + n)
 
-    def in_flight(self, pipeline: str, n: int) -> None:
-        IN_FLIGHT.labels(pipeline).set(n)
 
-    def api_request(
-        self, provider: str, pipeline: str, n_inputs: int, seconds: float, result: str
-    ) -> None:
-        API_REQUESTS.labels(provider, result).inc()
-        API_SECONDS.labels(provider).observe(seconds)
-        s = self.stats[pipeline]
-        s.api_calls += 1
-        if result == "ok":
-            API_INPUTS.labels(provider).inc(n_inputs)
-            s.api_inputs += n_inputs
-        else:
-            s.api_errors += 1
+# --- logs ---------------------------------------------------------------------------------
 
-    def finished(self, pipeline: str, outcome: str, n: int) -> None:
-        if n:
-            ROWS.labels(pipeline, outcome).inc(n)
-            s = self.stats[pipeline]
-            setattr(s, outcome, getattr(s, outcome) + n)
 
-    def failed(self, pipeline: str, outcome: str, n: int, error: str) -> None:
-        self.finished(pipeline, outcome, n)
-        level = logging.ERROR if outcome == "dead_lettered" else logging.WARNING
-        log.log(level, "%s items %s", n, outcome, extra={"pipeline": pipeline, "error": error})
+def log_handler(event: Event) -> None:
+    if isinstance(event, Failed):
+        level = logging.ERROR if event.outcome == "dead_lettered" else logging.WARNING
+        log.log(
+            level,
+            "%s items %s",
+            event.n,
+            event.outcome,
+            extra={"pipeline": event.pipeline, "error": event.error},
+        )
 
 
 class JsonFormatter(logging.Formatter):

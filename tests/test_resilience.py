@@ -490,14 +490,19 @@ def test_refused_connection_keeps_items_queued_until_fixed(
     )
     install(broken)
     bg = background(broken)
-    # Every item failed, went back to the queue and was claimed again.
+    # Every item failed and went back to the queue, and was tried again after the cool-down.
     until(
         bg,
-        lambda: one(db, "SELECT min(attempts) FROM syncer.queue") >= 2,
+        lambda: (
+            one(db, "SELECT count(*) FROM syncer.queue WHERE last_error IS NOT NULL") == rows
+            and "open -> half_open" in bg.stderr()
+        ),
         30,
         "items retried after refused connections",
     )
     assert bg.stop() == 0, bg.stderr()[-3000:]
+    # The provider's outage is not the items': at most the attempt before the breaker opened.
+    assert one(db, "SELECT max(attempts) FROM syncer.queue") <= 1
     assert dead(db) == []  # far from max_attempts: nothing may be dead-lettered
     assert queued(db) == rows
     errors = [e for (e,) in db.execute("SELECT DISTINCT last_error FROM syncer.queue")]

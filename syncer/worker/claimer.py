@@ -1,0 +1,90 @@
+"""The claimer: claims only as many items as there are free slots, and hands them to the
+dispatcher; waits on a wake-up, a freed slot, the poll or the stop, whichever comes first."""
+
+from __future__ import annotations
+
+import asyncio
+import random
+from collections.abc import Awaitable, Callable
+
+from syncer.capture import always_caught_up, wait_first
+from syncer.config import WorkerConfig
+from syncer.embed import Embedder
+from syncer.observe import Claimed, Events
+from syncer.queue import Queue
+from syncer.worker.dispatcher import Dispatcher
+from syncer.worker.inflight import InFlight
+
+
+class ProviderPaused(Exception):
+    """Raised out of an --exit-when-idle run when a provider refuses every request."""
+
+
+class Claimer:
+    def __init__(
+        self,
+        pipeline: str,
+        wcfg: WorkerConfig,
+        window: tuple[int, int],  # (items in flight at most, items per claim while busy)
+        queue: Queue,
+        embedder: Embedder,
+        in_flight: InFlight,
+        dispatcher: Dispatcher,
+        events: Events,
+        wakeup: asyncio.Event,
+    ) -> None:
+        self.pipeline = pipeline
+        self.poll_interval_s = wcfg.poll_interval_s
+        self.capacity, self.claim_min = window
+        self.queue = queue
+        self.embedder = embedder
+        self.in_flight = in_flight
+        self.dispatcher = dispatcher
+        self.events = events
+        self.wakeup = wakeup
+        self.capture_caught_up: Callable[[], Awaitable[bool]] = always_caught_up
+
+    async def run(self, stop: asyncio.Event, exit_when_idle: bool) -> None:
+        """Until stop is set (or, with exit_when_idle, until nothing is left)."""
+        freed = self.in_flight.freed
+        while not stop.is_set():
+            wait_s = self.embedder.ready_in_s()
+            if wait_s > 0:
+                # Open breaker, 429 pause or a refusing provider: claim nothing meanwhile.
+                if exit_when_idle and self.embedder.refused_error:
+                    raise ProviderPaused(self.embedder.refused_error)
+                await wait_first(stop, timeout_s=wait_s)
+                continue
+            free = self.capacity - len(self.in_flight)
+            if free < self.claim_min and len(self.in_flight):
+                freed.clear()
+                await wait_first(stop, freed)
+                continue
+            self.wakeup.clear()
+            items = await self.queue.claim(self.pipeline, free)
+            if items:
+                self.events.emit(Claimed(self.pipeline, len(items)))
+                self.in_flight.add(items)
+                await self.dispatcher.dispatch(items)
+                if len(items) == free:
+                    continue  # a full claim: more is likely waiting
+            elif exit_when_idle and not len(self.in_flight) and await self._idle():
+                return
+            wake = [stop, self.wakeup]
+            if exit_when_idle and len(self.in_flight):
+                # The last items finishing may leave nothing to do: look again then.
+                freed.clear()
+                wake.append(freed)
+            await wait_first(*wake, timeout_s=await self._poll_s(exit_when_idle))
+
+    async def _idle(self) -> bool:
+        # Capture first: what it has caught up with is queued by then, so the count sees it.
+        return await self.capture_caught_up() and await self.queue.pending([self.pipeline]) == 0
+
+    async def _poll_s(self, exit_when_idle: bool) -> float:
+        poll_s = self.poll_interval_s * random.uniform(0.8, 1.2)
+        if exit_when_idle and not len(self.in_flight):
+            nxt = await self.queue.next_ready_s([self.pipeline])
+            if nxt is not None:
+                poll_s = min(poll_s, max(0.01, nxt))
+        return poll_s

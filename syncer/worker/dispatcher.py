@@ -1,0 +1,115 @@
+"""Dispatch: read each claimed row's current text, finish what needs no API call, refuse or
+cut texts over the model's limit, and pack the rest into requests."""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+
+from syncer.config import PipelineConfig, ProviderConfig
+from syncer.errors import InputTooLongError, SyncerError
+from syncer.limits import estimate_tokens, pack_requests, truncate_to_tokens
+from syncer.queue import Item
+from syncer.worker.failures import FailureRouter
+from syncer.worker.inflight import InFlight
+from syncer.worker.jobs import EmbedJob
+from syncer.write import SourceRow, VectorStore, WriteBatch
+
+log = logging.getLogger("syncer.worker")
+
+
+class Dispatcher:
+    def __init__(
+        self,
+        p: PipelineConfig,
+        provider: ProviderConfig,
+        request_inputs: int,
+        store: VectorStore,
+        in_flight: InFlight,
+        failures: FailureRouter,
+        embed_q: asyncio.Queue[EmbedJob],
+        write_q: asyncio.Queue[WriteBatch],
+    ) -> None:
+        self.p = p
+        self.max_tokens_per_input = provider.max_tokens_per_input
+        self.max_tokens_per_request = provider.max_tokens_per_request
+        self.request_inputs = request_inputs
+        self.store = store
+        self.in_flight = in_flight
+        self.failures = failures
+        self.embed_q = embed_q
+        self.write_q = write_q
+
+    async def dispatch(self, items: list[Item]) -> None:
+        ids_by_key: dict[str, list[int]] = {}
+        for item in items:
+            ids_by_key.setdefault(item.key, []).append(item.id)
+        rows = await self.store.fetch(list(ids_by_key))
+        now = WriteBatch()
+        todo: list[SourceRow] = []
+        for row in rows:
+            ids = ids_by_key[row.key]
+            if not row.present or row.text is None:
+                self.store.clear(now, row)
+                now.done_ids += ids
+                now.outcomes["cleared"] += len(ids)
+            elif row.hash == row.stored_hash:
+                now.done_ids += ids
+                now.outcomes["unchanged"] += len(ids)
+            elif not self.in_flight.join((row.key, row.hash or b""), ids):
+                todo.append(row)
+        if len(now):
+            await self.write_q.put(now)
+        await self._pack(todo, ids_by_key)
+
+    async def _pack(self, rows: list[SourceRow], ids_by_key: dict[str, list[int]]) -> None:
+        """Cut or refuse texts over the model's limit; pack requests by count and tokens."""
+        texts: list[str] = []
+        kept: list[SourceRow] = []
+        too_long: list[tuple[int, SyncerError]] = []
+        limit = self.max_tokens_per_input
+        tokens: list[int] = []
+        for row in rows:
+            text = row.text or ""
+            n_tokens = estimate_tokens(text)
+            if n_tokens > limit:
+                if self.p.on_too_long == "dead_letter":
+                    err = InputTooLongError(
+                        f"text estimated over {limit} tokens (on_too_long = dead_letter)"
+                    )
+                    too_long += [(i, err) for i in ids_by_key[row.key]]
+                    continue
+                text = truncate_to_tokens(text, limit)
+                n_tokens = estimate_tokens(text)
+                log.info(
+                    "text truncated",
+                    extra={"pipeline": self.p.name, "key": row.key, "max_tokens": limit},
+                )
+            texts.append(text)
+            tokens.append(n_tokens)
+            kept.append(row)
+        if too_long:
+            await self.failures.route(too_long)
+        suspects = self.in_flight.suspects
+        alone = [i for i, r in enumerate(kept) if (r.key, r.hash or b"") in suspects]
+        others = [i for i in range(len(kept)) if i not in set(alone)] if alone else None
+        requests = [[i] for i in alone]
+        if others is None:
+            requests += pack_requests(tokens, self.request_inputs, self.max_tokens_per_request)
+        else:
+            packed = pack_requests(
+                [tokens[i] for i in others], self.request_inputs, self.max_tokens_per_request
+            )
+            requests += [[others[j] for j in r] for r in packed]
+        for n, request in enumerate(requests):
+            job = EmbedJob(
+                [kept[i].key for i in request],
+                [texts[i] for i in request],
+                [kept[i].hash or b"" for i in request],
+                [ids_by_key[kept[i].key] for i in request],
+                sum(tokens[i] for i in request),
+                suspect=n < len(alone),
+            )
+            for key, hash_, ids in zip(job.keys, job.hashes, job.ids, strict=True):
+                self.in_flight.embedding((key, hash_), ids)
+            await self.embed_q.put(job)

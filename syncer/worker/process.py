@@ -1,0 +1,92 @@
+"""One process: every configured pipeline, one capture side, one pool."""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import logging
+import os
+import socket
+import uuid
+
+import asyncpg
+
+from syncer.capture import start_capture_side
+from syncer.config import Config
+from syncer.embed import Embedder
+from syncer.observe import Events
+from syncer.queue import Queue
+from syncer.schema import PipelineSQL
+from syncer.worker.runner import PipelineRunner, supervise
+from syncer.write import VectorStore
+
+log = logging.getLogger("syncer.worker")
+
+
+class Worker:
+    """One process: every configured pipeline, one LISTEN connection, one pool."""
+
+    def __init__(
+        self,
+        cfg: Config,
+        pool: asyncpg.Pool,
+        embedders: dict[str, Embedder],
+        rendered: dict[str, PipelineSQL],
+        events: Events,
+    ) -> None:
+        self.cfg = cfg
+        self.pool = pool
+        self.events = events
+        self.worker_id = f"{socket.gethostname()}:{os.getpid()}:{uuid.uuid4().hex[:8]}"
+        self.queue = Queue(pool, self.worker_id, cfg.worker.lease_s)
+        self.wakeups = {p.name: asyncio.Event() for p in cfg.pipelines}
+        self.rendered = rendered
+        # Logical mode: vector writes to a watched table would come back through the slot.
+        mark_own = cfg.capture.mode == "logical"
+        self.runners = [
+            PipelineRunner(
+                p,
+                cfg.worker,
+                self.queue,
+                VectorStore(
+                    pool,
+                    rendered[p.name],
+                    p.target,
+                    p.vector_type,
+                    mark_own,
+                ),
+                embedders[p.provider],
+                p.provider,
+                cfg.providers[p.provider],
+                events,
+                self.wakeups[p.name],
+            )
+            for p in cfg.pipelines
+        ]
+
+    async def run(self, stop: asyncio.Event, exit_when_idle: bool = False) -> None:
+        side = start_capture_side(self.cfg, self.pool, self.wakeups, stop, self.rendered)
+        listener, feeder = side.listener, side.feeder
+        for r in self.runners:
+            r.claimer.capture_caught_up = side.caught_up
+        runs = [
+            asyncio.create_task(r.run(stop, exit_when_idle), name=r.p.name) for r in self.runners
+        ]
+        log.info(
+            "worker started",
+            extra={"worker_id": self.worker_id, "pipelines": [r.p.name for r in self.runners]},
+        )
+        try:
+            await supervise(asyncio.gather(*runs), [listener, feeder])
+        finally:
+            stop.set()
+            for t in runs:
+                t.cancel()
+            await asyncio.gather(*runs, return_exceptions=True)
+            # The mover clears its "awake" on the way out, the slot reader queues what it
+            # has read; the listener just goes.
+            listener.cancel()
+            with contextlib.suppress(TimeoutError):
+                await asyncio.wait_for(asyncio.shield(feeder), timeout=5.0)
+            feeder.cancel()
+            await asyncio.gather(listener, feeder, return_exceptions=True)
