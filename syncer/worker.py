@@ -25,7 +25,6 @@ import asyncpg
 
 from syncer.capture import always_caught_up, start_capture_side, wait_first
 from syncer.config import Config, PipelineConfig, ProviderConfig, WorkerConfig
-from syncer.embed import Embedder, EmbedRequest, Vectors
 from syncer.errors import (
     CircuitOpenError,
     InputError,
@@ -33,8 +32,9 @@ from syncer.errors import (
     RateLimitedError,
     RetryableError,
 )
-from syncer.limits import estimate_tokens, pack_requests, truncate_to_tokens
 from syncer.observe import Events
+from syncer.providers import Embedder, EmbedRequest, Vectors
+from syncer.providers.tokens import estimate_tokens, pack_requests, truncate_to_tokens
 from syncer.queue import Failure, Item, Queue
 from syncer.retry import backoff_s
 from syncer.schema import PipelineSQL
