@@ -15,7 +15,7 @@ from syncer.providers.base import Embedder, EmbedRequest, Provider, Vectors
 from syncer.providers.client import GuardedClient
 from syncer.providers.openai import OpenAIProvider
 
-__all__ = ["KINDS", "EmbedRequest", "Embedder", "GuardedClient", "Vectors", "make_embedder"]
+__all__ = ["KINDS", "EmbedRequest", "Embedder", "GuardedClient", "Kind", "Vectors", "make_embedder"]
 
 
 @dataclass(frozen=True)
