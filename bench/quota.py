@@ -23,7 +23,7 @@ from bench.harness import Harness, Pipeline
 from bench.proc import Watched
 from bench.report import Result
 from bench.texts import texts
-from syncer.limits import estimate_tokens
+from syncer.providers.tokens import estimate_tokens
 
 WINDOW_S = 60.0
 RPM = 600

@@ -17,9 +17,9 @@ from syncer import schema
 from syncer.capture import move_inbox
 from syncer.config import Config, PipelineConfig
 from syncer.db import connect, create_pool, ensure_vector_extension
-from syncer.embed import Embedder, OpenAIEmbedder
 from syncer.errors import SchemaError
 from syncer.observe import Events
+from syncer.providers import Embedder, make_embedder
 from syncer.schema import PipelineSQL
 from syncer.sqlfiles import query
 from syncer.worker import ProviderPaused, Worker
@@ -142,7 +142,7 @@ async def checked_pipeline(conn: asyncpg.Connection, p: PipelineConfig) -> Pipel
 def make_embedders(cfg: Config, path: Path | str) -> dict[str, Embedder]:
     used = {p.provider for p in cfg.pipelines}
     keys = {name: config_mod.api_key(cfg, name, path) for name in sorted(used)}
-    return {name: OpenAIEmbedder(name, cfg.providers[name], keys[name]) for name in keys}
+    return {name: make_embedder(name, cfg.providers[name], keys[name]) for name in keys}
 
 
 @dataclass

@@ -11,10 +11,19 @@ import os
 import re
 import tomllib
 from pathlib import Path
-from typing import Any, Literal
+from typing import Annotated, Any, Literal
 
 import orjson
-from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
+from pydantic import (
+    BaseModel,
+    ConfigDict,
+    Discriminator,
+    Field,
+    Tag,
+    ValidationError,
+    field_validator,
+    model_validator,
+)
 
 from syncer.errors import ConfigError
 
@@ -40,10 +49,10 @@ class DatabaseConfig(_Model):
         return self
 
 
-class ProviderConfig(_Model):
-    kind: Literal["openai"] = "openai"
-    base_url: str = "https://api.openai.com/v1"
-    api_key_env: str | None = "OPENAI_API_KEY"
+class BaseProviderConfig(_Model):
+    """What every provider kind has: the guarded client's limits, breaker and timeout."""
+
+    api_key_env: str | None  # each kind names its usual variable as the default
     max_concurrency: int = Field(default=16, ge=1, le=1024)
     timeout_s: float = Field(default=30.0, gt=0)
     rpm: int | None = Field(default=None, ge=1)  # requests per minute; None: no limit
@@ -54,12 +63,36 @@ class ProviderConfig(_Model):
     breaker_failures: int = Field(default=5, ge=1)  # consecutive failures that open it
     breaker_reset_s: float = Field(default=30.0, gt=0)  # cool-down before a probe
 
+
+class OpenAIProviderConfig(BaseProviderConfig):
+    """An OpenAI-compatible embeddings API (OpenAI itself, vLLM, Ollama, LiteLLM, TEI...)."""
+
+    kind: Literal["openai"] = "openai"
+    api_key_env: str | None = "OPENAI_API_KEY"
+    base_url: str = "https://api.openai.com/v1"
+
     @field_validator("base_url")
     @classmethod
     def _url(cls, v: str) -> str:
         if not v.startswith(("http://", "https://")):
             raise ValueError("must start with http:// or https://")
         return v.rstrip("/")
+
+
+DEFAULT_PROVIDER_KIND = "openai"  # what a provider table without `kind` means
+
+
+def _provider_kind(value: Any) -> str | None:
+    if isinstance(value, dict):
+        return str(value.get("kind", DEFAULT_PROVIDER_KIND))
+    return getattr(value, "kind", None)
+
+
+# A new kind: its model here, tagged with its `kind`, and its protocol in syncer.providers.
+ProviderConfig = Annotated[
+    Annotated[OpenAIProviderConfig, Tag("openai")],
+    Discriminator(_provider_kind),
+]
 
 
 class WorkerConfig(_Model):
@@ -220,15 +253,28 @@ def _loc(loc: tuple[int | str, ...]) -> str:
     return out
 
 
+def _untagged(loc: tuple[int | str, ...]) -> tuple[int | str, ...]:
+    """providers.NAME.TAG.key -> providers.NAME.key: the union's tag is no key of the file."""
+    if len(loc) >= 3 and loc[0] == "providers":
+        return loc[:2] + loc[3:]
+    return loc
+
+
 def _format_errors(path: Path, err: ValidationError) -> str:
     lines = []
     for e in err.errors():
-        loc = _loc(tuple(e["loc"]))
+        loc = _loc(_untagged(tuple(e["loc"])))
         ctx_err = (e.get("ctx") or {}).get("error")
         if isinstance(ctx_err, _RefError):
             lines.append(f"{path}: {ctx_err.loc}: {ctx_err.msg}")
         elif e["type"] == "extra_forbidden":
             lines.append(f"{path}: {loc}: unknown key (check the spelling)")
+        elif e["type"] == "union_tag_invalid":
+            known = (e.get("ctx") or {}).get("expected_tags")
+            tag = (e.get("ctx") or {}).get("tag")
+            lines.append(f"{path}: {loc}.kind: unknown provider kind {tag!r} (known: {known})")
+        elif e["type"] == "union_tag_not_found":
+            lines.append(f"{path}: {loc}: must be a table (got {e.get('input')!r:.60})")
         elif e["type"] == "missing":
             lines.append(f"{path}: {loc}: required key is missing")
         else:

@@ -9,6 +9,8 @@ from typing import Any
 import psycopg
 import pytest
 
+from syncer import config as config_mod
+from syncer.errors import ConfigError
 from tests.conftest import DEFAULT_PIPELINE, cli_env, syncer
 from tests.test_pipeline import create_docs
 
@@ -115,3 +117,40 @@ def test_unreachable_database(tmp_path: Path, make_config: Any) -> None:
     config.write_text(text)
     r = syncer(config, "install")
     assert r.returncode == 1 and "cannot connect to the database" in r.stderr
+
+
+def test_unknown_provider_kind(db: psycopg.Connection[Any], make_config: Any) -> None:
+    create_docs(db)
+    config = make_config()
+    config.write_text(config.read_text().replace('kind = "openai"', 'kind = "cohere"', 1))
+    r = syncer(config, "install")
+    assert r.returncode == 2
+    expected = f"{config}: providers.fake.kind: unknown provider kind 'cohere' (known: 'openai')"
+    lines = [line for line in r.stderr.splitlines() if line]
+    assert len(lines) == 1 and lines[0].endswith(expected), r.stderr
+    assert not installed(db)
+
+
+def test_a_provider_without_kind_is_openai_compatible(tmp_path: Path) -> None:
+    data = {"providers": {"p": {"base_url": "http://h/v1/"}}, "pipelines": []}
+    p = config_mod.parse(data, tmp_path / "f.toml").providers["p"]
+    assert isinstance(p, config_mod.OpenAIProviderConfig)
+    assert (p.kind, p.base_url, p.api_key_env) == ("openai", "http://h/v1", "OPENAI_API_KEY")
+
+
+@pytest.mark.parametrize(
+    ("provider", "expected"),
+    [
+        ({"kind": "openai", "base_url": "ftp://h"}, "providers.p.base_url: must start with http"),
+        ({"base_url": "http://h", "colour": 1}, "providers.p.colour: unknown key"),
+        ({"rpm": 0}, "providers.p.rpm: Input should be greater than or equal to 1"),
+        (3, "providers.p: must be a table"),
+    ],
+)
+def test_provider_errors_name_the_key_without_the_kind_s_tag(
+    tmp_path: Path, provider: Any, expected: str
+) -> None:
+    path = tmp_path / "f.toml"
+    with pytest.raises(ConfigError) as caught:
+        config_mod.parse({"providers": {"p": provider}, "pipelines": []}, path)
+    assert str(caught.value).startswith(f"{path}: {expected}"), caught.value

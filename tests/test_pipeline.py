@@ -10,7 +10,7 @@ import psycopg
 import pytest
 
 from syncer.fake_embedder import FakeEmbedderProcess, fake_vector
-from syncer.limits import truncate_to_tokens
+from syncer.providers.tokens import truncate_to_tokens
 from tests.conftest import DEFAULT_PIPELINE, start_syncer, syncer, wait_for
 
 DIM = 8

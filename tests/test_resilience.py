@@ -25,7 +25,8 @@ import pytest
 
 from syncer.fake_embedder import FakeEmbedderProcess, fake_vector
 from syncer.fake_embedder import estimate_tokens as provider_tokens
-from syncer.limits import PACE_BURST_S, estimate_tokens
+from syncer.providers.limits import PACE_BURST_S
+from syncer.providers.tokens import estimate_tokens
 from tests.conftest import DEFAULT_PIPELINE, cli_env, pipeline_toml, syncer, wait_for
 from tests.test_pipeline import DIM, composed, create_docs
 

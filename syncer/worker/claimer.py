@@ -9,8 +9,8 @@ from collections.abc import Awaitable, Callable
 
 from syncer.capture import always_caught_up, wait_first
 from syncer.config import WorkerConfig
-from syncer.embed import Embedder
 from syncer.observe import Claimed, Events
+from syncer.providers import Embedder
 from syncer.queue import Queue
 from syncer.worker.dispatcher import Dispatcher
 from syncer.worker.inflight import InFlight

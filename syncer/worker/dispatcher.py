@@ -8,7 +8,7 @@ import logging
 
 from syncer.config import PipelineConfig, ProviderConfig
 from syncer.errors import InputTooLongError, SyncerError
-from syncer.limits import estimate_tokens, pack_requests, truncate_to_tokens
+from syncer.providers.tokens import estimate_tokens, pack_requests, truncate_to_tokens
 from syncer.queue import Item
 from syncer.worker.failures import FailureRouter
 from syncer.worker.inflight import InFlight

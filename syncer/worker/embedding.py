@@ -8,9 +8,9 @@ import time
 from dataclasses import dataclass, field
 
 from syncer.config import PipelineConfig
-from syncer.embed import Embedder, EmbedRequest, Vectors
 from syncer.errors import CircuitOpenError, InputError, ProviderError, RetryableError, SyncerError
 from syncer.observe import ApiRequest, Events
+from syncer.providers import Embedder, EmbedRequest, Vectors
 from syncer.retry import RetryPolicy
 from syncer.worker.failures import FailureRouter
 from syncer.worker.inflight import InFlight, TextId

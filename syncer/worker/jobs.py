@@ -5,7 +5,7 @@ from __future__ import annotations
 from collections.abc import Sequence
 from dataclasses import dataclass
 
-from syncer.limits import estimate_tokens
+from syncer.providers.tokens import estimate_tokens
 
 
 @dataclass(frozen=True)

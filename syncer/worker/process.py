@@ -13,8 +13,8 @@ import asyncpg
 
 from syncer.capture import start_capture_side
 from syncer.config import Config
-from syncer.embed import Embedder
 from syncer.observe import Events
+from syncer.providers import Embedder
 from syncer.queue import Queue
 from syncer.schema import PipelineSQL
 from syncer.worker.runner import PipelineRunner, supervise

@@ -14,8 +14,8 @@ import logging
 from typing import Any
 
 from syncer.config import PipelineConfig, ProviderConfig, WorkerConfig
-from syncer.embed import Embedder
 from syncer.observe import Events, InFlightChanged
+from syncer.providers import Embedder
 from syncer.queue import Queue
 from syncer.retry import RetryPolicy
 from syncer.worker.claimer import Claimer

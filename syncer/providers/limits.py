@@ -1,8 +1,10 @@
-"""Provider limits: token estimates, request packing, rate limiting and a circuit breaker.
+"""Provider limits: rate limiting and a circuit breaker.
 
 Touches neither the database nor HTTP. One ProviderLimiter and one CircuitBreaker per
-provider, shared by every pipeline using it in the process: the embedder takes a `slot()`
-before each request and reports back what the provider answered.
+provider, shared by every pipeline using it in the process: the guarded client takes a
+`slot()` before each request and reports back what the provider answered. What a
+provider's rate-limit headers say reaches the limiter as `Quota`s, read by the provider's
+protocol module, so the limiter knows no header names.
 
 Not aiolimiter: its bucket (capacity = rate) lets twice the rate start within one sliding
 minute, its rate is fixed at construction (no AIMD), it refuses amounts above capacity,
@@ -17,13 +19,10 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import logging
-import math
 import random
-import re
-import string
 import time
 from collections import deque
-from collections.abc import AsyncIterator, Callable, Mapping, Sequence
+from collections.abc import AsyncIterator, Callable, Iterable
 from dataclasses import dataclass
 from typing import Literal
 
@@ -40,130 +39,17 @@ RECOVERY_STEP = 0.05  # additive increase: 5 % of the configured rate per round 
 MIN_FACTOR = 0.01
 _MIN_WAIT_S = 0.001  # float rounding must not turn a wait into a busy loop
 
-# --- token estimates ----------------------------------------------------------------------
-
-
-def _all_but(first: int, last: int) -> bytes:
-    return bytes(b for b in range(256) if not first <= b <= last)
-
-
-_ALL_BUT_3_BYTE_LEADS = _all_but(0xE0, 0xEF)  # U+0800..U+FFFF
-_ALL_BUT_4_BYTE_LEADS = _all_but(0xF0, 0xF7)  # U+10000 and above
-# U+3000..U+D7FF: CJK symbols, kana, ideographs, hangul; cl100k/o200k take ~1 token a char.
-_ALL_BUT_CJK_LEADS = _all_but(0xE3, 0xED)
-# Pieces that are at least one token each: words, up to 3 digits, 2 punctuation marks, line
-# breaks. This catches what bytes/3 misses, e.g. "a b c d" or one word per line.
-_PIECE = re.compile(r"[^\W\d_]+|\d{1,3}|[^\w\s]{1,2}|[\r\n]+")
-_SPACE = re.compile(r"\s")
-_LETTERS_AND_BLANKS = (string.ascii_letters + " \t\f\v").encode("ascii")
-
-
-def estimate_tokens(text: str) -> int:
-    """An offline estimate of cl100k/o200k tokens that errs high.
-
-    Cost by character: UTF-8 bytes / 3 below U+0800 (ASCII, Latin, Greek, Cyrillic, Arabic,
-    Hebrew); 1.5 in U+3000..U+D7FF (CJK, kana, hangul); one per UTF-8 byte for any other
-    character (Indic and South-East Asian scripts, emoji, symbols), which is a byte-level
-    BPE's hard upper bound. The result is at least the number of words, 3-digit groups,
-    punctuation pairs and line breaks, which covers "a b c" and one word per line.
-
-    How far off (real / estimate): English prose (~4 chars a token) 0.7-0.8; Cyrillic or
-    Greek ~0.6; Chinese, Japanese, Korean 0.5-0.9 on cl100k, less on o200k; Indic, Thai,
-    emoji 0.3-1. Known under-estimates, up to 2x but only for those characters: rare CJK
-    characters that cl100k splits into bytes, and runs of unusual ASCII symbols.
-    """
-    if not text:
-        return 0
-    cost = math.ceil(_byte_cost(text))
-    return max(cost, _pieces(text, cost))
-
-
-def _byte_cost(text: str) -> float:
-    if text.isascii():
-        return len(text) / 3
-    raw = text.encode("utf-8", "surrogatepass")  # never raise on a stray surrogate
-    # Counting UTF-8 lead bytes is ~20x faster than a regex over the characters.
-    n3 = len(raw.translate(None, _ALL_BUT_3_BYTE_LEADS))
-    n4 = len(raw.translate(None, _ALL_BUT_4_BYTE_LEADS))
-    n_cjk = len(raw.translate(None, _ALL_BUT_CJK_LEADS))
-    wide_bytes = 3 * n3 + 4 * n4
-    return (len(raw) - wide_bytes) / 3 + 1.5 * n_cjk + (wide_bytes - 3 * n_cjk)
-
-
-def _pieces(text: str, at_most_needed: int) -> int:
-    """The number of _PIECE matches, or 0 when a cheap bound shows it cannot matter."""
-    if len(text) <= at_most_needed:  # a piece is at least one character (CJK text)
-        return 0
-    if text.isascii():
-        # Letter runs <= chunks + others; digit groups, punctuation pairs and line breaks
-        # <= others. The regex costs ~100 ns a character; this bound ~10 ns.
-        others = len(text.encode("ascii").translate(None, _LETTERS_AND_BLANKS))
-        # Words <= blanks + 1; counting is 4x cheaper than text.split().
-        words = text.count(" ") + text.count("\t") + text.count("\f") + text.count("\v") + 1
-        if words + 2 * others <= at_most_needed:
-            return 0
-    return len(_PIECE.findall(text))
-
-
-def truncate_to_tokens(text: str, max_tokens: int) -> str:
-    """The longest prefix whose estimate fits, cut at whitespace when one is near the end."""
-    if estimate_tokens(text) <= max_tokens:
-        return text
-    if max_tokens <= 0:
-        return ""
-    # Every character costs at least 1/3 token, so the cut is within 3 * max_tokens chars.
-    lo, hi = 0, min(len(text), 3 * max_tokens)
-    while lo < hi:  # invariant: text[:lo] fits
-        mid = (lo + hi + 1) // 2
-        if estimate_tokens(text[:mid]) <= max_tokens:
-            lo = mid
-        else:
-            hi = mid - 1
-    # Prefer not to cut a word in half, unless that throws away a long stretch.
-    spaces = [m.start() for m in _SPACE.finditer(text, max(1, lo - 200), lo + 1)]
-    kept = text[: spaces[-1]].rstrip() if spaces else ""
-    return kept or text[:lo]
-
-
-def pack_requests(token_counts: Sequence[int], max_inputs: int, max_tokens: int) -> list[list[int]]:
-    """Split input indices, in order, into requests of <= max_inputs and <= max_tokens.
-
-    An input alone above max_tokens gets a request of its own (too-long inputs are the
-    caller's to truncate or reject first).
-    """
-    if max_inputs < 1 or max_tokens < 1:
-        raise ValueError("max_inputs and max_tokens must be at least 1")
-    out: list[list[int]] = []
-    cur: list[int] = []
-    cur_tokens = 0
-    for i, n in enumerate(token_counts):
-        if cur and (len(cur) >= max_inputs or cur_tokens + n > max_tokens):
-            out.append(cur)
-            cur, cur_tokens = [], 0
-        cur.append(i)
-        cur_tokens += n
-    if cur:
-        out.append(cur)
-    return out
-
-
-_DURATION_PART = re.compile(r"(\d+(?:\.\d*)?|\.\d+)(ns|us|µs|μs|ms|s|m|h)")
-_UNIT_S = {"ns": 1e-9, "us": 1e-6, "µs": 1e-6, "μs": 1e-6, "ms": 1e-3, "s": 1, "m": 60, "h": 3600}
-
-
-def parse_duration(value: str) -> float | None:
-    """Seconds from a rate-limit reset header: "1s", "6m0s", "20ms", "1.5s", or "2" (seconds)."""
-    value = value.strip()
-    with contextlib.suppress(ValueError):
-        seconds = float(value)
-        return seconds if seconds >= 0 and math.isfinite(seconds) else None
-    parts = list(_DURATION_PART.finditer(value))
-    if not parts or "".join(p.group(0) for p in parts) != value:
-        return None
-    return sum(float(p.group(1)) * _UNIT_S[p.group(2)] for p in parts)
-
-
 # --- rate limiting ------------------------------------------------------------------------
+
+
+@dataclass(frozen=True, slots=True)
+class Quota:
+    """One of the provider's limits as its answer reports it: what is left until the reset."""
+
+    kind: Literal["requests", "tokens"]
+    remaining: float
+    reset_s: float
+    limit: float | None = None  # None: unknown, so nothing refills before the reset
 
 
 class _Window:
@@ -382,21 +268,15 @@ class ProviderLimiter:
             )
         self._paused_until = max(self._paused_until, now + pause_s)
 
-    def on_headers(self, headers: Mapping[str, str]) -> None:
-        """Read x-ratelimit-{remaining,reset,limit}-{requests,tokens} to slow down in time."""
-        lower = {k.lower(): v for k, v in headers.items()}
+    def on_quota(self, quotas: Iterable[Quota]) -> None:
+        """What the provider says is left of its limits: slow down before it answers 429."""
         now = self._clock()
-        for kind in ("requests", "tokens"):
-            remaining = _number(lower.get(f"x-ratelimit-remaining-{kind}"))
-            reset_s = parse_duration(lower.get(f"x-ratelimit-reset-{kind}") or "")
-            if remaining is None or reset_s is None:
-                continue
-            reset_s = min(reset_s, MAX_PAUSE_S)
-            limit = _number(lower.get(f"x-ratelimit-limit-{kind}"))
+        for q in quotas:
+            reset_s = min(q.reset_s, MAX_PAUSE_S)
             refill = None
-            if limit is not None and limit > remaining and reset_s > 0:
-                refill = (limit - remaining) / reset_s
-            self._budgets[kind] = _Budget(remaining, now, now + reset_s, refill)
+            if q.limit is not None and q.limit > q.remaining and reset_s > 0:
+                refill = (q.limit - q.remaining) / reset_s
+            self._budgets[q.kind] = _Budget(q.remaining, now, now + reset_s, refill)
 
     def on_success(self) -> None:
         """Additive increase: one RECOVERY_STEP per round of effective_concurrency successes."""
@@ -404,13 +284,6 @@ class ProviderLimiter:
         if self._factor < 1.0:
             self._factor = min(1.0, self._factor + RECOVERY_STEP / self.effective_concurrency)
             self._changed.set()
-
-
-def _number(value: str | None) -> float | None:
-    with contextlib.suppress(ValueError):
-        n = float(value or "")
-        return n if math.isfinite(n) and n >= 0 else None
-    return None
 
 
 # --- circuit breaker ----------------------------------------------------------------------
