@@ -13,7 +13,16 @@ from typing import Any
 
 import pytest
 
-from syncer.errors import EXIT_ERROR, EXIT_USAGE
+from syncer.errors import (
+    EXIT_ERROR,
+    EXIT_PROVIDER,
+    EXIT_USAGE,
+    ConfigError,
+    DatabaseError,
+    ProviderError,
+    SlotError,
+    exit_code,
+)
 from tests.conftest import cli_env, syncer
 
 # Linux capabilities that let root read any file, and prctl's call to drop one for good.
@@ -51,6 +60,21 @@ def with_url(make_config: Any, url: str) -> Path:
     text = config.read_text().splitlines()
     config.write_text("\n".join(f'url = "{url}"' if x.startswith("url = ") else x for x in text))
     return config
+
+
+@pytest.mark.parametrize(
+    ("err", "code"),
+    [
+        (ConfigError("x"), EXIT_USAGE),
+        (ProviderError("x"), EXIT_PROVIDER),
+        (DatabaseError("x"), EXIT_ERROR),
+        (SlotError("x"), EXIT_ERROR),  # no entry of its own: SyncerError's
+        (PermissionError(13, "x"), EXIT_ERROR),
+        (RuntimeError("a bug"), EXIT_ERROR),
+    ],
+)
+def test_exit_codes(err: BaseException, code: int) -> None:
+    assert exit_code(err) == code
 
 
 def test_a_directory_as_config(tmp_path: Path) -> None:
