@@ -22,8 +22,8 @@ import asyncpg
 import psycopg
 from pgvector.asyncpg import register_vector
 
-from syncer import embedded_pg
-from syncer.fake_embedder import FakeEmbedderProcess
+from syncer.testing import embedded_pg
+from syncer.testing.fake_embedder import FakeEmbedderProcess
 
 REPO = Path(__file__).resolve().parent.parent
 API_KEY_ENV = "BENCH_FAKE_API_KEY"

@@ -17,14 +17,12 @@ from syncer import schema
 from syncer.capture import move_inbox
 from syncer.config import Config, PipelineConfig
 from syncer.db import connect, create_pool, ensure_vector_extension
-from syncer.errors import SchemaError
+from syncer.errors import EXIT_PROVIDER, SchemaError
 from syncer.observe import Events
 from syncer.providers import Embedder, make_embedder
 from syncer.schema import PipelineSQL
 from syncer.sqlfiles import query
 from syncer.worker import ProviderPaused, Worker
-
-EXIT_PROVIDER_PAUSED = 3
 
 
 def select(cfg: Config, pipeline: str | None) -> tuple[PipelineConfig, ...]:
@@ -175,7 +173,7 @@ async def run(
         worker = Worker(cfg, pool, embedders, rendered, result.events)
         await worker.run(stop, exit_when_idle)
     except ProviderPaused as err:
-        result.exit_code = EXIT_PROVIDER_PAUSED
+        result.exit_code = EXIT_PROVIDER
         result.message = f"stopped: a provider refuses requests ({err}); the queue is intact"
     finally:
         for sig in (signal.SIGTERM, signal.SIGINT):

@@ -3,11 +3,15 @@
 from __future__ import annotations
 
 import asyncio
+import functools
+import importlib
+import logging
 import sys
+import traceback
 from collections.abc import Callable, Coroutine
 from datetime import UTC, datetime
 from pathlib import Path
-from typing import Any, TypeVar
+from typing import Any, NoReturn, TypeVar
 
 import asyncpg
 import click
@@ -16,14 +20,18 @@ import orjson
 from syncer import app
 from syncer import config as config_mod
 from syncer.config import Config
-from syncer.demo import demo
-from syncer.errors import ConfigError, DatabaseError, SchemaError
+from syncer.errors import SyncerError, exit_code
 from syncer.observe import setup_logging
 
 T = TypeVar("T")
 
-EXIT_ERROR = 1
-EXIT_USAGE = 2
+log = logging.getLogger("syncer")
+
+# Commands whose module is imported only when they run: `syncer run` never loads the demo's
+# kit (syncer.testing), whose dependencies are an extra (`syncer[demo]`).
+LAZY_COMMANDS = {"demo": "syncer.testing.demo"}
+# Click's own ends of a command (usage errors, Ctrl-C at a prompt, ctx.exit): click reports them.
+_CLICK_ENDS = (click.ClickException, click.Abort, click.exceptions.Exit)
 
 
 def _run_async(coro: Coroutine[Any, Any, T]) -> T:
@@ -35,19 +43,51 @@ def _run_async(coro: Coroutine[Any, Any, T]) -> T:
         return asyncio.run(coro)
 
 
+def _one_line(err: BaseException) -> str:
+    """syncer's own message as it is; any other error as its class and text, on one line."""
+    if isinstance(err, SyncerError):
+        return str(err)
+    name = type(err).__name__
+    if isinstance(err, asyncpg.PostgresError):
+        name = f"database: {name}"
+    text = " ".join(str(err).split())
+    return f"{name}: {text}" if text else name
+
+
+def _fail(err: BaseException) -> NoReturn:
+    """One line on stderr and the exit status from errors.EXIT_CODES; at --log-level debug
+    the traceback first, so the line stays the last thing printed."""
+    if log.isEnabledFor(logging.DEBUG):
+        traceback.print_exception(err)
+    click.echo(f"error: {_one_line(err)}", err=True)
+    sys.exit(exit_code(err))
+
+
 def _guard(fn: Callable[[], T]) -> T:
-    """Turn syncer's meaningful errors into one clear line and a non-zero exit."""
+    """Run `fn`; any error that escapes it, ours or not, ends the command through _fail."""
     try:
         return fn()
-    except ConfigError as err:
-        click.echo(f"error: {err}", err=True)
-        sys.exit(EXIT_USAGE)
-    except (SchemaError, DatabaseError) as err:
-        click.echo(f"error: {err}", err=True)
-        sys.exit(EXIT_ERROR)
-    except asyncpg.PostgresError as err:
-        click.echo(f"error: database: {type(err).__name__}: {err}", err=True)
-        sys.exit(EXIT_ERROR)
+    except _CLICK_ENDS:
+        raise
+    except Exception as err:
+        _fail(err)
+
+
+class Commands(click.Group):
+    """syncer's command group: every command runs under _guard, and LAZY_COMMANDS are
+    imported only when asked for."""
+
+    def invoke(self, ctx: click.Context) -> Any:
+        return _guard(functools.partial(super().invoke, ctx))
+
+    def list_commands(self, ctx: click.Context) -> list[str]:
+        return sorted({*super().list_commands(ctx), *LAZY_COMMANDS})
+
+    def get_command(self, ctx: click.Context, cmd_name: str) -> click.Command | None:
+        if cmd_name not in LAZY_COMMANDS:
+            return super().get_command(ctx, cmd_name)
+        command: click.Command = getattr(importlib.import_module(LAZY_COMMANDS[cmd_name]), cmd_name)
+        return command
 
 
 class Ctx:
@@ -55,15 +95,15 @@ class Ctx:
         self.path = path
 
     def config(self) -> Config:
-        return _guard(lambda: config_mod.load(self.path))
+        return config_mod.load(self.path)
 
 
-@click.group()
+@click.group(cls=Commands)
 @click.option(
     "-c",
     "--config",
     "config_path",
-    type=click.Path(path_type=Path),
+    type=click.Path(path_type=Path, readable=False),  # config.load says what is wrong
     default=config_mod.DEFAULT_PATH,
     show_default=True,
     help="The TOML configuration file.",
@@ -82,7 +122,7 @@ def main(ctx: click.Context, config_path: Path, log_level: str) -> None:
 def install(obj: Ctx, no_backfill: bool) -> None:
     """Create the syncer schema, target columns or tables, and capture triggers (idempotent)."""
     cfg = obj.config()
-    _guard(lambda: _run_async(app.install(cfg, backfill=not no_backfill, echo=click.echo)))
+    _run_async(app.install(cfg, backfill=not no_backfill, echo=click.echo))
 
 
 @main.command()
@@ -93,13 +133,13 @@ def uninstall(obj: Ctx, keep_vectors: bool, yes: bool) -> None:
     """Remove syncer's triggers, functions and schema; user data stays."""
     cfg = obj.config()
     if not keep_vectors and not yes:
-        doomed = _guard(lambda: _run_async(app.targets_to_drop(cfg)))
+        doomed = _run_async(app.targets_to_drop(cfg))
         if doomed:
             click.confirm(
                 f"Drop the vectors syncer created for pipelines {', '.join(doomed)}?",
                 abort=True,
             )
-    _guard(lambda: _run_async(app.uninstall(cfg, keep_vectors, echo=click.echo)))
+    _run_async(app.uninstall(cfg, keep_vectors, echo=click.echo))
 
 
 @main.command()
@@ -109,7 +149,7 @@ def uninstall(obj: Ctx, keep_vectors: bool, yes: bool) -> None:
 def backfill(obj: Ctx, pipeline: str | None, everything: bool) -> None:
     """Queue the rows whose vector is missing or stale."""
     cfg = obj.config()
-    _guard(lambda: _run_async(app.backfill(cfg, pipeline, everything, echo=click.echo)))
+    _run_async(app.backfill(cfg, pipeline, everything, echo=click.echo))
 
 
 @main.command()
@@ -120,8 +160,8 @@ def backfill(obj: Ctx, pipeline: str | None, everything: bool) -> None:
 def run(obj: Ctx, exit_when_idle: bool) -> None:
     """Run every configured pipeline until SIGTERM or SIGINT."""
     cfg = obj.config()
-    embedders = _guard(lambda: app.make_embedders(cfg, obj.path))
-    result = _guard(lambda: _run_async(app.run(cfg, embedders, exit_when_idle)))
+    embedders = app.make_embedders(cfg, obj.path)
+    result = _run_async(app.run(cfg, embedders, exit_when_idle))
     for name, s in sorted(result.events.stats.items()):
         click.echo(
             f"pipeline {name}: embedded {s.embedded}, unchanged {s.unchanged}, "
@@ -138,7 +178,7 @@ def run(obj: Ctx, exit_when_idle: bool) -> None:
 def status(obj: Ctx) -> None:
     """The backlog of each pipeline."""
     cfg = obj.config()
-    st = _guard(lambda: _run_async(app.status(cfg)))
+    st = _run_async(app.status(cfg))
     click.echo(
         f"{'pipeline':20} {'queued':>8} {'working':>8} {'retry':>8} {'oldest_s':>9} {'dead':>6}"
     )
@@ -184,7 +224,7 @@ def replay_dlq(
     cfg = obj.config()
     since_utc = since.replace(tzinfo=UTC) if since else None
     f = app.DeadLetterFilter(pipeline, error_class, since_utc, limit)
-    n, rows = _guard(lambda: _run_async(app.replay_dead_letters(cfg, f, dry_run)))
+    n, rows = _run_async(app.replay_dead_letters(cfg, f, dry_run))
     if dry_run:
         for r in rows:
             click.echo(f"{r['pipeline']}\t{r['key']}\t{r['error_class']}\t{r['error'][:120]}")
@@ -206,7 +246,7 @@ def dlq() -> None:
 def dlq_list(obj: Ctx, pipeline: str | None, newest: int, as_json: bool) -> None:
     """Counts by pipeline and error class, and the newest errors (never row text)."""
     cfg = obj.config()
-    counts, latest = _guard(lambda: _run_async(app.dead_letter_report(cfg, pipeline, newest)))
+    counts, latest = _run_async(app.dead_letter_report(cfg, pipeline, newest))
     if as_json:
         doc = {
             "counts": [dict(r) for r in counts],
@@ -224,8 +264,6 @@ def dlq_list(obj: Ctx, pipeline: str | None, newest: int, as_json: bool) -> None
             f"{r['last_failed_at']:%Y-%m-%d %H:%M:%S} {r['pipeline']} {r['key']} {r['error_class']}: {r['error'][:200]}"
         )
 
-
-main.add_command(demo)
 
 if __name__ == "__main__":  # pragma: no cover
     main()

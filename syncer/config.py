@@ -298,6 +298,9 @@ def load(path: Path | str = DEFAULT_PATH, env: dict[str, str] | None = None) -> 
         data = tomllib.loads(path.read_text(encoding="utf-8"))
     except FileNotFoundError:
         raise ConfigError(f"{path}: file not found (give one with -c FILE)") from None
+    except (OSError, UnicodeDecodeError) as err:  # a directory, no permission, not UTF-8
+        reason = err.strerror if isinstance(err, OSError) else f"not UTF-8 text ({err.reason})"
+        raise ConfigError(f"{path}: cannot read: {reason}") from None
     except tomllib.TOMLDecodeError as err:
         raise ConfigError(f"{path}: not valid TOML: {err}") from None
     if url := env.get("SYNCER_DATABASE_URL"):

@@ -3,7 +3,7 @@
 Two families: errors that end a command (ConfigError, DatabaseError, SchemaError), whose
 message is the one line the user sees, and errors of one embedding request (retryable,
 one bad input, or a provider that refuses everything), which syncer.retry turns into an
-outcome for each queue item.
+outcome for each queue item. `EXIT_CODES` maps them to a command's exit status.
 """
 
 from __future__ import annotations
@@ -77,3 +77,24 @@ class ProviderError(SyncerError):
     """The provider refuses every request (bad key, unknown model, wrong dimensions)."""
 
     error_class = "provider"
+
+
+# What a command's exit status means, for scripts and supervisors.
+EXIT_OK = 0
+EXIT_ERROR = 1  # an error; also: the database cannot be reached, syncer is not installed
+EXIT_USAGE = 2  # the command line or the configuration is wrong
+EXIT_PROVIDER = 3  # a provider refuses every request, or a threshold was passed
+
+# The one table from error to exit status; the nearest class in an error's MRO decides, and
+# an error that is not syncer's (OSError, asyncpg's, a bug) ends with EXIT_ERROR.
+EXIT_CODES: dict[type[BaseException], int] = {
+    ConfigError: EXIT_USAGE,
+    ProviderError: EXIT_PROVIDER,
+    SyncerError: EXIT_ERROR,
+}
+
+
+def exit_code(err: BaseException) -> int:
+    """The exit status of a command that ends with `err`."""
+    codes = (EXIT_CODES.get(cls) for cls in type(err).__mro__)
+    return next((code for code in codes if code is not None), EXIT_ERROR)

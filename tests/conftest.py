@@ -16,8 +16,8 @@ import psycopg
 import pytest
 from pgvector.psycopg import register_vector
 
-from syncer import embedded_pg
-from syncer.fake_embedder import FakeEmbedderProcess
+from syncer.testing import embedded_pg
+from syncer.testing.fake_embedder import FakeEmbedderProcess
 
 TEMPLATE = "syncer_template"
 LOGICAL_SETTINGS = {

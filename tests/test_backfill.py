@@ -6,7 +6,7 @@ from typing import Any
 
 import psycopg
 
-from syncer.fake_embedder import FakeEmbedderProcess
+from syncer.testing.fake_embedder import FakeEmbedderProcess
 from tests.conftest import syncer
 from tests.test_pipeline import assert_synced, create_docs
 

@@ -13,8 +13,8 @@ import numpy as np
 import psycopg
 
 from syncer.capture import InboxMover
-from syncer.fake_embedder import FakeEmbedderProcess, fake_vector
 from syncer.sqlfiles import query
+from syncer.testing.fake_embedder import FakeEmbedderProcess, fake_vector
 from tests.conftest import start_syncer, syncer, wait_for
 from tests.test_pipeline import DEFAULT_PIPELINE, assert_synced, create_docs
 from tests.test_processes import stop_all

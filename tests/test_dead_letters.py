@@ -8,7 +8,7 @@ from typing import Any
 
 import psycopg
 
-from syncer.fake_embedder import BAD_INPUT_MARKER, FakeEmbedderProcess
+from syncer.testing.fake_embedder import BAD_INPUT_MARKER, FakeEmbedderProcess
 from tests.conftest import DEFAULT_PIPELINE, syncer
 from tests.test_pipeline import assert_synced, create_docs, install_and_drain
 

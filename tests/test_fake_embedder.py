@@ -20,7 +20,7 @@ import pytest
 import pytest_asyncio
 from multidict import CIMultiDictProxy
 
-from syncer.fake_embedder import (
+from syncer.testing.fake_embedder import (
     BAD_INPUT_MARKER,
     FakeEmbedderError,
     FakeEmbedderProcess,

@@ -9,8 +9,8 @@ from typing import Any
 
 import psycopg
 
-from syncer import embedded_pg
-from syncer.fake_embedder import FakeEmbedderProcess
+from syncer.testing import embedded_pg
+from syncer.testing.fake_embedder import FakeEmbedderProcess
 from tests.conftest import DEFAULT_PIPELINE, start_syncer, syncer, wait_for
 from tests.test_pipeline import assert_synced, create_docs
 

@@ -9,8 +9,8 @@ import numpy as np
 import psycopg
 import pytest
 
-from syncer.fake_embedder import FakeEmbedderProcess, fake_vector
 from syncer.providers.tokens import truncate_to_tokens
+from syncer.testing.fake_embedder import FakeEmbedderProcess, fake_vector
 from tests.conftest import DEFAULT_PIPELINE, start_syncer, syncer, wait_for
 
 DIM = 8

@@ -10,7 +10,7 @@ from typing import Any
 
 import psycopg
 
-from syncer.fake_embedder import FakeEmbedderProcess
+from syncer.testing.fake_embedder import FakeEmbedderProcess
 from tests.conftest import start_syncer, syncer, wait_for
 from tests.test_pipeline import assert_synced, create_docs
 

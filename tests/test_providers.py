@@ -22,12 +22,12 @@ from syncer.errors import (
     RateLimitedError,
     RetryableError,
 )
-from syncer.fake_embedder import FakeEmbedderProcess
 from syncer.providers import KINDS, EmbedRequest, GuardedClient, make_embedder
 from syncer.providers.base import parse_retry_after
 from syncer.providers.client import check_vectors
 from syncer.providers.limits import Quota
 from syncer.providers.openai import OpenAIProvider, parse_duration, read_quota
+from syncer.testing.fake_embedder import FakeEmbedderProcess
 
 DIM = 3
 

@@ -23,10 +23,10 @@ import numpy as np
 import psycopg
 import pytest
 
-from syncer.fake_embedder import FakeEmbedderProcess, fake_vector
-from syncer.fake_embedder import estimate_tokens as provider_tokens
 from syncer.providers.limits import PACE_BURST_S
 from syncer.providers.tokens import estimate_tokens
+from syncer.testing.fake_embedder import FakeEmbedderProcess, fake_vector
+from syncer.testing.fake_embedder import estimate_tokens as provider_tokens
 from tests.conftest import DEFAULT_PIPELINE, cli_env, pipeline_toml, syncer, wait_for
 from tests.test_pipeline import DIM, composed, create_docs
 

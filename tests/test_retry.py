@@ -16,8 +16,8 @@ from syncer.errors import (
     RateLimitedError,
     RetryableError,
 )
-from syncer.fake_embedder import FakeEmbedderProcess
 from syncer.retry import RATE_LIMITED_SPREAD_S, RetryPolicy
+from syncer.testing.fake_embedder import FakeEmbedderProcess
 from tests.conftest import DEFAULT_PIPELINE, syncer
 from tests.test_pipeline import create_docs
 

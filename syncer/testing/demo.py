@@ -3,6 +3,8 @@
 Everything runs in this process or its children and is removed at the end, also on
 Ctrl-C or an error. Each step commits a change, waits (with a deadline) until the
 worker has finished with it, checks every vector is fresh, and prints what it cost.
+An error ends the demo as it ends any command: one line, and the exit status that
+syncer.errors.EXIT_CODES gives it (cli's guard).
 """
 
 from __future__ import annotations
@@ -28,13 +30,13 @@ import click
 import uvloop
 from click.core import ParameterSource
 
-from syncer import app, embedded_pg
+from syncer import app
 from syncer import config as config_mod
 from syncer.config import Config
-from syncer.errors import ConfigError, DatabaseError, SchemaError
-from syncer.fake_embedder import FakeEmbedderError, FakeEmbedderProcess
 from syncer.observe import Event, Events, Failed, InFlightChanged, Stats, setup_logging
 from syncer.sqlfiles import query
+from syncer.testing import embedded_pg
+from syncer.testing.fake_embedder import FakeEmbedderProcess
 
 PIPELINE = "articles"
 LOCAL_KEY_ENV = "SYNCER_DEMO_API_KEY"
@@ -42,7 +44,6 @@ STEP_TIMEOUT_S = 60.0
 POLL_S = 0.002
 LATENCY_SAMPLES = 10
 EXIT_INTERRUPTED = 130
-FAILURES = (ConfigError, DatabaseError, SchemaError, FakeEmbedderError, asyncpg.PostgresError)
 # The stored vector is fresh when its hash is the hash of the row's current text, computed
 # by the function install created: the same one the worker's hash guard uses.
 FRESH_SQL = f"embedding_hash IS NOT DISTINCT FROM syncer.{PIPELINE}__hash(a)"
@@ -366,6 +367,4 @@ def demo(
     except (KeyboardInterrupt, Interrupted):
         click.echo("\ninterrupted: everything stopped and removed", err=True)
         sys.exit(EXIT_INTERRUPTED)
-    except FAILURES as err:
-        raise click.ClickException(f"{type(err).__name__}: {err}") from None
     click.echo(f"done in {time.perf_counter() - started:.1f} s")

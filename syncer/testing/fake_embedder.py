@@ -3,7 +3,7 @@
 Vectors are a pure function of (text, dimensions), so a test can recompute what the server
 sent. Faults, latency and rate limits are switched on at run time through `POST /_control`;
 every request lands in an in-memory log that `GET /_requests` and `GET /_stats` expose.
-Run it with `python -m syncer.fake_embedder --port 0`, or from Python with
+Run it with `python -m syncer.testing.fake_embedder --port 0`, or from Python with
 `FakeEmbedderProcess`, which drives a real subprocess so the client under test sees real
 sockets (resets, hangs) and the server's CPU does not count as the caller's.
 
@@ -562,7 +562,9 @@ async def _serve(settings: FakeSettings, host: str, port: int) -> None:
 
 
 def main(argv: list[str] | None = None) -> None:
-    parser = argparse.ArgumentParser(prog="python -m syncer.fake_embedder", description=__doc__)
+    parser = argparse.ArgumentParser(
+        prog="python -m syncer.testing.fake_embedder", description=__doc__
+    )
     parser.add_argument("--host", default="127.0.0.1")
     parser.add_argument("--port", type=int, default=0, help="0 picks a free port")
     parser.add_argument("--api-key", default=None)
@@ -624,7 +626,7 @@ class FakeEmbedderProcess:
 
     def start(self) -> FakeEmbedderProcess:
         options = f"--host {self.host} --port 0 --default-dimensions {self.default_dimensions}"
-        command = [sys.executable, "-m", "syncer.fake_embedder", *options.split()]
+        command = [sys.executable, "-m", "syncer.testing.fake_embedder", *options.split()]
         command += ["--latency-ms", str(self.latency_ms)]
         if self.api_key is not None:
             command += ["--api-key", self.api_key]

