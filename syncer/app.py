@@ -14,7 +14,7 @@ import asyncpg
 
 from syncer import config as config_mod
 from syncer import schema
-from syncer.capture import move_inbox
+from syncer.capture.trigger import move_inbox
 from syncer.config import Config, PipelineConfig
 from syncer.db import connect, create_pool, ensure_vector_extension
 from syncer.embed import Embedder, OpenAIEmbedder

@@ -23,7 +23,7 @@ from typing import Any
 
 import asyncpg
 
-from syncer.capture import always_caught_up, start_capture_side, wait_first
+from syncer.capture.trigger import always_caught_up, start_capture_side, wait_first
 from syncer.config import Config, PipelineConfig, ProviderConfig, WorkerConfig
 from syncer.embed import Embedder, EmbedRequest, Vectors
 from syncer.errors import (

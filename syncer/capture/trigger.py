@@ -233,7 +233,7 @@ def start_capture_side(
     listener = Listener(cfg.database.url, wakeups, kick, connect_kwargs())
     listen_task = asyncio.create_task(listener.run(stop), name="listener")
     if cfg.capture.mode == "logical":
-        from syncer.logical import SlotReader
+        from syncer.capture.logical import SlotReader
 
         reader = SlotReader(cfg, pool, rendered, wakeups)
         return CaptureSide(

@@ -1,0 +1,1 @@
+"""Capture sources: how the changes of the source tables reach the queue."""
