@@ -23,7 +23,7 @@ from typing import Any
 import uvloop
 
 from syncer import app, config
-from syncer.capture.trigger import start_capture_side
+from syncer.capture import start_capture_side
 from syncer.db import create_pool
 from syncer.observe import setup_logging
 

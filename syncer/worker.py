@@ -23,7 +23,8 @@ from typing import Any
 
 import asyncpg
 
-from syncer.capture.trigger import always_caught_up, start_capture_side, wait_first
+from syncer.aio import wait_first
+from syncer.capture import always_caught_up, source_for, start_capture_side
 from syncer.config import Config, PipelineConfig, ProviderConfig, WorkerConfig
 from syncer.embed import Embedder, EmbedRequest, Vectors
 from syncer.errors import (
@@ -492,7 +493,7 @@ class Worker:
         self.wakeups = {p.name: asyncio.Event() for p in cfg.pipelines}
         self.rendered = rendered
         # Logical mode: vector writes to a watched table would come back through the slot.
-        mark_own = cfg.capture.mode == "logical"
+        mark_own = source_for(cfg).marks_own_writes
         self.runners = [
             PipelineRunner(
                 p,

@@ -12,9 +12,8 @@ The replication protocol needs psycopg2 (asyncpg and psycopg 3 cannot stream a s
 the stream is read in a thread; each batch of keys is queued on the event loop through the
 worker's asyncpg pool, and the thread waits for that commit before it confirms.
 
-syncer's own vector writes (a column target is a column of the watched table) would come
-back through the slot: the writer marks its transactions with a transactional logical
-message (OWN_PREFIX), and the reader drops the changes of a marked transaction.
+The messages are decoded by syncer.capture.pgoutput (which also drops syncer's own
+writes). Install makes the publication and the slot, and drops the capture triggers.
 """
 
 from __future__ import annotations
@@ -24,22 +23,23 @@ import contextlib
 import logging
 import os
 import select
-import struct
 import threading
 import time
-from collections.abc import Mapping, Sequence
-from dataclasses import dataclass, field
+from collections.abc import Mapping
 
 import asyncpg
-import orjson
 import psycopg2
 import psycopg2.errors
 import psycopg2.extras
 
-from syncer.config import Config, PipelineConfig
-from syncer.errors import SlotError
+from syncer import schema
+from syncer.capture.base import CaptureSide, ident
+from syncer.capture.notify import start_listener, worker_handlers
+from syncer.capture.pgoutput import Decoder
+from syncer.capture.trigger import drop_triggers, move_inbox
+from syncer.config import CaptureConfig, Config, PipelineConfig
+from syncer.errors import SchemaError, SlotError
 from syncer.schema import PipelineSQL
-from syncer.write import OWN_PREFIX
 
 log = logging.getLogger("syncer.logical")
 
@@ -47,200 +47,6 @@ FLUSH_KEYS = 5000  # queue this many keys at most in one transaction
 FLUSH_DELAY_S = 0.005  # while changes stream in, queue them at most this often
 STANDBY_S = 2.0  # how often a standing-by worker tries to take the slot
 IDLE_WAIT_S = 0.2  # the longest the reader sleeps between looks at the stop flag
-
-_I16 = struct.Struct("!h")
-_I32 = struct.Struct("!i")
-_U64 = struct.Struct("!Q")
-
-
-@dataclass(frozen=True)
-class Watch:
-    """One pipeline watching one relation, by the positions of its columns there."""
-
-    pipeline: str
-    key_idx: tuple[int, ...]
-    text_idx: tuple[int, ...]
-    deletes: bool  # a side-table target must hear of deleted rows; a column target need not
-
-
-# A tuple's columns: None for NULL, UNCHANGED for a TOASTed value the update left alone.
-UNCHANGED = b"\x00unchanged"
-Tuple = list[bytes | None]
-
-
-def _tuple(buf: bytes, pos: int) -> tuple[Tuple, int]:
-    (n,) = _I16.unpack_from(buf, pos)
-    pos += 2
-    out: Tuple = []
-    for _ in range(n):
-        kind = buf[pos]
-        pos += 1
-        if kind == 0x74 or kind == 0x62:  # 't' text, 'b' binary
-            (length,) = _I32.unpack_from(buf, pos)
-            pos += 4
-            out.append(buf[pos : pos + length])
-            pos += length
-        elif kind == 0x75:  # 'u'
-            out.append(UNCHANGED)
-        else:  # 'n'
-            out.append(None)
-    return out, pos
-
-
-def _cstring(buf: bytes, pos: int) -> tuple[str, int]:
-    end = buf.index(0, pos)
-    return buf[pos:end].decode(), end + 1
-
-
-@dataclass
-class Decoder:
-    """pgoutput protocol version 1: the messages syncer needs, turned into pending keys.
-
-    Keys are gathered per pipeline as tuples of the key columns' text forms; `take()` hands
-    them over. Once they are queued, the slot may be confirmed up to `last_commit_end`.
-    """
-
-    pipelines: Sequence[PipelineConfig]
-    key_names: Mapping[str, tuple[str, ...]]
-    relations: dict[int, list[Watch]] = field(default_factory=dict)
-    keys: dict[str, set[tuple[bytes, ...]]] = field(default_factory=dict)
-    pending: int = 0
-    in_txn: bool = False
-    own_txn: bool = False
-    last_commit_end: int = 0  # the end of the last transaction read in full
-
-    def feed(self, msg: bytes) -> None:
-        kind = msg[0]
-        if kind == 0x42:  # 'B'
-            self.in_txn, self.own_txn = True, False
-        elif kind == 0x43:  # 'C': flags, commit LSN, end LSN, timestamp
-            (self.last_commit_end,) = _U64.unpack_from(msg, 10)
-            self.in_txn = False
-        elif kind == 0x52:  # 'R', sent once a stream, in whichever transaction comes first
-            self._relation(msg)
-        elif self.own_txn:
-            return
-        elif kind == 0x49:  # 'I'
-            self._insert(msg)
-        elif kind == 0x55:  # 'U'
-            self._update(msg)
-        elif kind == 0x44:  # 'D'
-            self._delete(msg)
-        elif kind == 0x4D:  # 'M': flags, LSN, prefix, length, content
-            prefix, _ = _cstring(msg, 10)
-            if msg[1] & 1 and prefix == OWN_PREFIX and self.in_txn:
-                self.own_txn = True
-
-    def take(self) -> dict[str, list[str]]:
-        """The pending keys as JSON objects of text values, by pipeline; clears them."""
-        out = {
-            name: [
-                orjson.dumps(
-                    {k: v.decode() for k, v in zip(self.key_names[name], key, strict=True)}
-                ).decode()
-                for key in keys
-            ]
-            for name, keys in self.keys.items()
-            if keys
-        }
-        self.keys.clear()
-        self.pending = 0
-        return out
-
-    def _relation(self, msg: bytes) -> None:
-        (relid,) = _I32.unpack_from(msg, 1)
-        schema, pos = _cstring(msg, 5)
-        table, pos = _cstring(msg, pos)
-        pos += 1  # replica identity
-        (ncols,) = _I16.unpack_from(msg, pos)
-        pos += 2
-        names: list[str] = []
-        for _ in range(ncols):
-            name, pos = _cstring(msg, pos + 1)
-            names.append(name)
-            pos += 8  # type oid, type modifier
-        index = {n: i for i, n in enumerate(names)}
-        watches = []
-        for p in self.pipelines:
-            if (p.schema_name, p.table_name) != (schema or "pg_catalog", table):
-                continue
-            keys = self.key_names[p.name]
-            missing = [c for c in (*keys, *p.text) if c not in index]
-            if missing:
-                # The publication was changed by hand: say so rather than lose changes.
-                raise SlotError(
-                    f"pipeline {p.name!r}: the slot's changes to {p.table} lack columns "
-                    f"{missing}: run `syncer install` to set the publication's columns again"
-                )
-            watches.append(
-                Watch(
-                    p.name,
-                    tuple(index[c] for c in keys),
-                    tuple(index[c] for c in p.text),
-                    p.target == "table",
-                )
-            )
-        self.relations[relid] = watches
-
-    def _add(self, w: Watch, row: Tuple) -> None:
-        key = tuple(row[i] for i in w.key_idx)
-        if any(v is None or v is UNCHANGED for v in key):
-            log.error(
-                "a change without its key values was skipped",
-                extra={"pipeline": w.pipeline},
-            )
-            return
-        bucket = self.keys.setdefault(w.pipeline, set())
-        before = len(bucket)
-        bucket.add(key)  # type: ignore[arg-type]
-        self.pending += len(bucket) - before
-
-    def _watches(self, msg: bytes) -> list[Watch]:
-        (relid,) = _I32.unpack_from(msg, 1)
-        return self.relations.get(relid, [])
-
-    def _insert(self, msg: bytes) -> None:
-        watches = self._watches(msg)
-        if not watches:
-            return
-        row, _ = _tuple(msg, 6)
-        for w in watches:
-            # Like the insert trigger: a row with no text at all has nothing to embed.
-            if any(row[i] for i in w.text_idx):
-                self._add(w, row)
-
-    def _update(self, msg: bytes) -> None:
-        watches = self._watches(msg)
-        if not watches:
-            return
-        old: Tuple | None = None
-        pos = 5
-        # 'K': the old key, sent when it changed; 'O': the whole old row (REPLICA IDENTITY
-        # FULL), sent on every update.
-        whole_old = msg[pos] == 0x4F
-        if msg[pos] in (0x4B, 0x4F):
-            old, pos = _tuple(msg, pos + 1)
-        new, _ = _tuple(msg, pos + 1)
-        for w in watches:
-            key_moved = old is not None and any(old[i] != new[i] for i in w.key_idx)
-            if not key_moved and all(
-                new[i] is UNCHANGED or (whole_old and old is not None and old[i] == new[i])
-                for i in w.text_idx
-            ):
-                continue  # the text is as it was: a TOASTed value left alone, or equal
-            # Otherwise queued: the worker's hash check makes an unchanged text free.
-            self._add(w, new)
-            if key_moved and old is not None:
-                self._add(w, old)
-
-    def _delete(self, msg: bytes) -> None:
-        watches = self._watches(msg)
-        if not watches:
-            return
-        old, _ = _tuple(msg, 6)
-        for w in watches:
-            if w.deletes:
-                self._add(w, old)
 
 
 class SlotReader:
@@ -402,3 +208,225 @@ class SlotReader:
             event = self.wakeups.get(name)
             if event is not None:
                 event.set()
+
+
+class LogicalCapture:
+    """Logical mode: a publication and a slot; one worker per database reads the slot."""
+
+    # A vector write to a watched table (a column target) would come back through the
+    # slot: the writer marks its transactions, and the decoder drops them.
+    marks_own_writes = True
+
+    def __init__(self, cfg: Config) -> None:
+        self.cfg = cfg
+
+    async def check(self, conn: asyncpg.Connection) -> None:
+        await check_logical(conn, self.cfg.pipelines, self.cfg.capture)
+
+    async def install(self, conn: asyncpg.Connection) -> list[str]:
+        # Slot first, triggers last: a switch from trigger mode overlaps, never gaps.
+        cap = self.cfg.capture
+        await install_publication(conn, self.cfg.pipelines, cap)
+        if await ensure_slot(conn, cap):
+            return [f"created logical replication slot {cap.slot} (publication {cap.publication})"]
+        return []
+
+    async def install_pipeline(
+        self, conn: asyncpg.Connection, p: PipelineConfig, rendered: PipelineSQL
+    ) -> None:
+        await drop_triggers(conn, p)  # those a trigger-mode install left
+
+    async def installed(self, conn: asyncpg.Connection) -> None:
+        # What the triggers captured before the switch: no inbox mover runs any more.
+        await move_inbox(conn)
+
+    async def uninstall(self, conn: asyncpg.Connection) -> list[str]:
+        return await drop_logical(conn, self.cfg.capture)
+
+    async def uninstall_pipeline(self, conn: asyncpg.Connection, p: PipelineConfig) -> None:
+        await drop_triggers(conn, p)
+
+    async def check_run(self, conn: asyncpg.Connection) -> None:
+        await check_slot(conn, self.cfg.capture)
+
+    def start(
+        self,
+        pool: asyncpg.Pool,
+        wakeups: Mapping[str, asyncio.Event],
+        stop: asyncio.Event,
+        rendered: Mapping[str, PipelineSQL],
+    ) -> CaptureSide:
+        listen_task = start_listener(self.cfg.database.url, worker_handlers(wakeups), stop)
+        reader = SlotReader(self.cfg, pool, rendered, wakeups)
+        return CaptureSide(
+            listen_task, asyncio.create_task(reader.run(stop), name="slot-reader"), reader.caught_up
+        )
+
+    async def status(self, conn: asyncpg.Connection) -> asyncpg.Record | None:
+        return await slot_lag(conn, self.cfg.capture)
+
+
+# --- install, check, uninstall ---------------------------------------------------------------------------
+
+
+async def check_logical(
+    conn: asyncpg.Connection, pipelines: tuple[PipelineConfig, ...], cap: CaptureConfig
+) -> None:
+    """What logical capture needs of the server, the role and each source table."""
+    level = await conn.fetchval("SHOW wal_level")
+    if level != "logical":
+        raise SchemaError(
+            f"capture.mode = 'logical' needs wal_level = logical (the server has {level!r}): "
+            "run ALTER SYSTEM SET wal_level = logical, then restart PostgreSQL"
+        )
+    row = await conn.fetchrow(
+        "SELECT rolname, rolreplication OR rolsuper FROM pg_roles WHERE rolname = current_user"
+    )
+    assert row is not None
+    role, allowed = row[0], row[1]
+    if not allowed:
+        raise SchemaError(
+            f"capture.mode = 'logical': role {role!r} may not read a replication slot: "
+            f"ALTER ROLE {ident(role)} REPLICATION"
+        )
+    slot = await conn.fetchrow(
+        "SELECT plugin, database FROM pg_replication_slots WHERE slot_name = $1", cap.slot
+    )
+    here = await conn.fetchval("SELECT current_database()")
+    if slot is not None and (slot["plugin"] != "pgoutput" or slot["database"] != here):
+        raise SchemaError(
+            f"capture.slot: a slot named {cap.slot!r} already exists for "
+            f"{slot['plugin']} on database {slot['database']!r}: choose another name"
+        )
+    for p in pipelines:
+        keys = [c.name for c in await schema.key_columns(conn, p)]
+        kind, identity = await replica_identity(conn, p.schema_name, p.table_name)
+        if kind == "f" or (identity is not None and set(identity) == set(keys)):
+            continue
+        now = {
+            "n": "NOTHING",
+            "d": "DEFAULT, and it has no primary key",
+            "i": f"the index on {identity}",
+        }.get(kind, f"DEFAULT (primary key {identity})")
+        raise SchemaError(
+            f"pipeline {p.name!r} (key): logical capture needs the key {keys} to be the replica "
+            f"identity of {p.table} (it is {now}): ALTER TABLE {ident(p.schema_name, p.table_name)} "
+            "REPLICA IDENTITY USING INDEX <a unique index on the key>, or REPLICA IDENTITY FULL"
+        )
+
+
+async def replica_identity(
+    conn: asyncpg.Connection, schema: str, table: str
+) -> tuple[str, tuple[str, ...] | None]:
+    """The table's replica identity ('d', 'i', 'f' or 'n') and the columns of its index."""
+    row = await conn.fetchrow(
+        """SELECT c.relreplident::text,
+                  (SELECT array_agg(a.attname ORDER BY k.ord)
+                   FROM pg_index i
+                   CROSS JOIN LATERAL unnest(i.indkey) WITH ORDINALITY AS k(attnum, ord)
+                   JOIN pg_attribute a ON a.attrelid = c.oid AND a.attnum = k.attnum
+                   WHERE i.indrelid = c.oid
+                     AND CASE c.relreplident WHEN 'd' THEN i.indisprimary
+                                             WHEN 'i' THEN i.indisreplident
+                                             ELSE false END)
+           FROM pg_class c JOIN pg_namespace n ON n.oid = c.relnamespace
+           WHERE n.nspname = $1 AND c.relname = $2""",
+        schema,
+        table,
+    )
+    assert row is not None
+    return row[0], tuple(row[1]) if row[1] else None
+
+
+async def install_publication(
+    conn: asyncpg.Connection, pipelines: tuple[PipelineConfig, ...], cap: CaptureConfig
+) -> None:
+    """The publication of the source tables, each with only the columns syncer reads
+    (key and text), so the slot carries nothing else."""
+    columns: dict[tuple[str, str], list[str] | None] = {}
+    for p in pipelines:
+        table = (p.schema_name, p.table_name)
+        kind, _ = await replica_identity(conn, *table)
+        keys = [c.name for c in await schema.key_columns(conn, p)]
+        if kind == "f":  # a column list must hold the whole replica identity: every column
+            columns[table] = None
+        elif (have := columns.setdefault(table, [])) is not None:
+            have += [c for c in (*keys, *p.text) if c not in have]
+    entries = ", ".join(
+        ident(*t) + (f" ({', '.join(ident(c) for c in cols)})" if cols else "")
+        for t, cols in columns.items()
+    )
+    pub = ident(cap.publication)
+    async with conn.transaction():
+        if await conn.fetchval(
+            "SELECT true FROM pg_publication WHERE pubname = $1", cap.publication
+        ):
+            await conn.execute(f"ALTER PUBLICATION {pub} SET TABLE {entries}")
+            await conn.execute(
+                f"ALTER PUBLICATION {pub} SET (publish = 'insert, update, delete', "
+                "publish_via_partition_root = true)"
+            )
+        else:
+            await conn.execute(
+                f"CREATE PUBLICATION {pub} FOR TABLE {entries} WITH "
+                "(publish = 'insert, update, delete', publish_via_partition_root = true)"
+            )
+
+
+async def ensure_slot(conn: asyncpg.Connection, cap: CaptureConfig) -> bool:
+    """Create the slot unless it exists; True if it was created. From its creation on,
+    every committed change is kept for the reader."""
+    if await conn.fetchval("SELECT true FROM pg_replication_slots WHERE slot_name = $1", cap.slot):
+        return False
+    await conn.execute("SELECT pg_create_logical_replication_slot($1, 'pgoutput')", cap.slot)
+    return True
+
+
+async def drop_logical(conn: asyncpg.Connection, cap: CaptureConfig) -> list[str]:
+    """Drop the slot and publication (a forgotten slot keeps WAL forever)."""
+    done: list[str] = []
+    here = await conn.fetchval("SELECT current_database()")
+    slot = await conn.fetchrow(
+        "SELECT active_pid, database FROM pg_replication_slots WHERE slot_name = $1", cap.slot
+    )
+    if slot is not None and slot["database"] == here:
+        if slot["active_pid"] is not None:
+            raise SchemaError(
+                f"capture.slot {cap.slot!r} is being read by a running worker "
+                f"(backend pid {slot['active_pid']}): stop the syncer workers first"
+            )
+        await conn.execute("SELECT pg_drop_replication_slot($1)", cap.slot)
+        done.append(f"dropped logical replication slot {cap.slot}")
+    if await conn.fetchval("SELECT true FROM pg_publication WHERE pubname = $1", cap.publication):
+        await conn.execute(f"DROP PUBLICATION {ident(cap.publication)}")
+        done.append(f"dropped publication {cap.publication}")
+    return done
+
+
+async def check_slot(conn: asyncpg.Connection, cap: CaptureConfig) -> None:
+    """Before a logical-mode run: the slot and publication install makes are there."""
+    if not await conn.fetchval(
+        "SELECT true FROM pg_replication_slots WHERE slot_name = $1", cap.slot
+    ):
+        raise SchemaError(
+            f"capture.mode = 'logical', but there is no replication slot {cap.slot!r}: "
+            "run `syncer install`"
+        )
+    if not await conn.fetchval(
+        "SELECT true FROM pg_publication WHERE pubname = $1", cap.publication
+    ):
+        raise SchemaError(
+            f"capture.mode = 'logical', but there is no publication {cap.publication!r}: "
+            "run `syncer install`"
+        )
+
+
+async def slot_lag(conn: asyncpg.Connection, cap: CaptureConfig) -> asyncpg.Record | None:
+    """The slot's state for `status`: is a worker reading it, and how much WAL it holds."""
+    return await conn.fetchrow(
+        """SELECT active,
+                  pg_wal_lsn_diff(pg_current_wal_lsn(), confirmed_flush_lsn)::bigint AS behind,
+                  pg_wal_lsn_diff(pg_current_wal_lsn(), restart_lsn)::bigint AS retained
+           FROM pg_replication_slots WHERE slot_name = $1""",
+        cap.slot,
+    )
