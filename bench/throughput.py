@@ -15,7 +15,8 @@ from bench.backlog import Backlog, Drain
 from bench.harness import Harness, Pipeline
 from bench.proc import RSS_SAMPLE_S, backend_count, backends_settled, postgres_cpu_s
 from bench.report import Result
-from syncer import app, capture, config, db
+from syncer import app, config, db
+from syncer.capture.trigger import move_inbox
 from syncer.queue import Queue
 from syncer.worker import MAX_WRITE_ROWS, window
 from syncer.write import VectorStore, WriteBatch
@@ -153,7 +154,7 @@ async def statements_alone(h: Harness, rows: int) -> float:
                 rendered = await app.checked_pipeline(pooled, p)  # type: ignore[arg-type]
             queue = Queue(pool, "bench", 60.0)
             store = VectorStore(pool, rendered, p.target, p.vector_type)
-            await capture.move_inbox(pool)
+            await move_inbox(pool)
             while items := await queue.claim(p.name, claim):
                 fetched = await store.fetch([i.key for i in items])
                 for lo in range(0, len(items), MAX_WRITE_ROWS):

@@ -14,7 +14,7 @@ import asyncpg
 
 from syncer import config as config_mod
 from syncer import schema
-from syncer.capture import move_inbox
+from syncer.capture import source_for
 from syncer.config import Config, PipelineConfig
 from syncer.db import connect, create_pool, ensure_vector_extension
 from syncer.errors import EXIT_PROVIDER, SchemaError
@@ -36,31 +36,23 @@ async def install(
     conn = await connect(cfg.database.url)
     try:
         await ensure_vector_extension(conn)
-        cap = cfg.capture
+        source = source_for(cfg)
         # Check every pipeline before creating anything, so a typo changes nothing.
         for p in cfg.pipelines:
             await schema.key_columns(conn, p)
             await schema.check_target(conn, p)
-        if cap.mode == "logical":
-            await schema.check_logical(conn, cfg.pipelines, cap)
+        await source.check(conn)
         await schema.install_schema(conn)
-        if cap.mode == "logical":
-            # Slot first, triggers last: a switch from trigger mode overlaps, never gaps.
-            await schema.install_publication(conn, cfg.pipelines, cap)
-            if await schema.ensure_slot(conn, cap):
-                echo(f"created logical replication slot {cap.slot} (publication {cap.publication})")
-        else:
-            for line in await schema.drop_logical(conn, cap):
-                echo(line)
+        for line in await source.install(conn):
+            echo(line)
         rendered_all = {}
         for p in cfg.pipelines:
-            rendered_all[p.name] = await schema.install_pipeline(conn, p, cap.mode)
+            rendered_all[p.name] = await schema.install_pipeline(conn, p, source.install_pipeline)
             echo(
-                f"pipeline {p.name}: installed on {p.table} ({p.target} target, {cap.mode} capture)"
+                f"pipeline {p.name}: installed on {p.table} "
+                f"({p.target} target, {cfg.capture.mode} capture)"
             )
-        if cap.mode == "logical":
-            # What the triggers captured before the switch: no inbox mover runs any more.
-            await move_inbox(conn)
+        await source.installed(conn)
         enqueued: dict[str, int] = {}
         for p in cfg.pipelines:
             rendered = rendered_all[p.name]
@@ -78,10 +70,13 @@ async def uninstall(cfg: Config, keep_vectors: bool, echo: Callable[[str], None]
         if await schema.installed_version(conn) is None:
             echo("syncer is not installed in this database; nothing to do")
             return
-        for line in await schema.drop_logical(conn, cfg.capture):
+        source = source_for(cfg)
+        for line in await source.uninstall(conn):
             echo(line)
         for p in cfg.pipelines:
-            for line in await schema.uninstall_pipeline(conn, p, keep_vectors):
+            for line in await schema.uninstall_pipeline(
+                conn, p, keep_vectors, source.uninstall_pipeline
+            ):
                 echo(line)
         await schema.uninstall_schema(conn)
         echo("dropped schema syncer (queue, dead letters, registry)")
@@ -168,8 +163,7 @@ async def run(
     try:
         async with pool.acquire() as conn:
             rendered = {p.name: await checked_pipeline(conn, p) for p in cfg.pipelines}  # type: ignore[arg-type]
-            if cfg.capture.mode == "logical":
-                await schema.check_slot(conn, cfg.capture)  # type: ignore[arg-type]
+            await source_for(cfg).check_run(conn)  # type: ignore[arg-type]
         worker = Worker(cfg, pool, embedders, rendered, result.events)
         await worker.run(stop, exit_when_idle)
     except ProviderPaused as err:
@@ -197,9 +191,7 @@ async def status(cfg: Config) -> Status:
             raise SchemaError(
                 "syncer is not installed in this database: run `syncer install` first"
             )
-        slot = None
-        if cfg.capture.mode == "logical":
-            slot = await schema.slot_lag(conn, cfg.capture)
+        slot = await source_for(cfg).status(conn)
         rows = await conn.fetch(
             """SELECT p.name,
                       count(q.id) + (SELECT count(*) FROM syncer.inbox i WHERE i.pipeline = p.name)

@@ -7,14 +7,14 @@ psycopg.sql.Identifier before they reach a statement.
 from __future__ import annotations
 
 import re
-from collections.abc import Callable
+from collections.abc import Awaitable, Callable
 from dataclasses import dataclass
 
 import asyncpg
 from psycopg import sql
 
 from syncer import sqlfiles
-from syncer.config import CaptureConfig, PipelineConfig, split_table
+from syncer.config import PipelineConfig, split_table
 from syncer.errors import SchemaError
 
 SCHEMA_VERSION = 2
@@ -279,11 +279,17 @@ async def installed_version(conn: asyncpg.Connection) -> int | None:
     return int(v) if v is not None else None
 
 
+# The capture source's part of installing or uninstalling a pipeline (syncer.capture),
+# run inside the pipeline's transaction.
+InstallCapture = Callable[[asyncpg.Connection, PipelineConfig, PipelineSQL], Awaitable[None]]
+UninstallCapture = Callable[[asyncpg.Connection, PipelineConfig], Awaitable[None]]
+
+
 async def install_pipeline(
-    conn: asyncpg.Connection, p: PipelineConfig, mode: str = "trigger"
+    conn: asyncpg.Connection, p: PipelineConfig, capture: InstallCapture
 ) -> PipelineSQL:
-    """Create the target if missing, the text/hash functions and (trigger mode) the
-    capture triggers; logical mode drops the triggers a trigger-mode install left."""
+    """Create the target if missing, the text/hash functions and, through `capture`, what
+    the capture source needs of the pipeline (trigger mode: the capture triggers)."""
     keys = await key_columns(conn, p)
     rendered = render(p, keys)
     async with conn.transaction():
@@ -312,17 +318,9 @@ async def install_pipeline(
                 f"PRIMARY KEY ({key_cols}))"
             )
             created_table = True
-        partitioned = await conn.fetchval(
-            "SELECT relkind = 'p' FROM pg_class WHERE oid = $1::regclass",
-            _ident(p.schema_name, p.table_name),
-        )
-        steps = _INSTALL_STEPS[p.target] if mode == "trigger" else _FUNCTION_STEPS
-        if mode == "trigger" and partitioned:
-            steps = tuple(_ROW_LEVEL.get(step, step) for step in steps)
-        for step in steps:
+        for step in _FUNCTION_STEPS:
             await conn.execute(rendered[step])
-        if mode != "trigger":
-            await drop_triggers(conn, p)
+        await capture(conn, p, rendered)
         await conn.execute(
             sqlfiles.query("pipeline_register"),
             p.name,
@@ -337,38 +335,19 @@ async def install_pipeline(
 
 
 _FUNCTION_STEPS = ("text_function", "hash_function")
-_COMMON_STEPS = (
-    *_FUNCTION_STEPS,
-    "capture_insert_function",
-    "capture_update_function",
-    "capture_insert_trigger",
-    "capture_update_trigger",
-)
-_INSTALL_STEPS: dict[str, tuple[str, ...]] = {
-    "column": _COMMON_STEPS,
-    "table": (*_COMMON_STEPS, "capture_delete_function", "capture_delete_trigger"),
-}
-
-
-# A partitioned table's row movement fires only row-level INSERT and DELETE triggers.
-_ROW_LEVEL = {
-    "capture_insert_function": "capture_insert_row_function",
-    "capture_insert_trigger": "capture_insert_row_trigger",
-    "capture_delete_function": "capture_delete_row_function",
-    "capture_delete_trigger": "capture_delete_row_trigger",
-}
 
 
 async def uninstall_pipeline(
-    conn: asyncpg.Connection, p: PipelineConfig, keep_vectors: bool
+    conn: asyncpg.Connection, p: PipelineConfig, keep_vectors: bool, capture: UninstallCapture
 ) -> list[str]:
-    """Drop the pipeline's triggers and functions, and (unless kept) what install created."""
+    """Drop the pipeline's capture (through `capture`: the triggers), and (unless kept)
+    what install created."""
     done: list[str] = []
     row = await conn.fetchrow(sqlfiles.query("pipeline_get"), p.name)
     src = _ident(p.schema_name, p.table_name)
     async with conn.transaction():
         if await conn.fetchval("SELECT to_regclass($1) IS NOT NULL", src):
-            await drop_triggers(conn, p)
+            await capture(conn, p)
             if row and row["created_column"] and not keep_vectors:
                 await conn.execute(
                     f"ALTER TABLE {src} DROP COLUMN IF EXISTS {_ident(p.column)}, "
@@ -379,12 +358,6 @@ async def uninstall_pipeline(
             await conn.execute(f"DROP TABLE IF EXISTS {_ident(*split_table(p.target_table))}")
             done.append(f"dropped table {p.target_table}")
     return done
-
-
-async def drop_triggers(conn: asyncpg.Connection, p: PipelineConfig) -> None:
-    src = _ident(p.schema_name, p.table_name)
-    for kind in ("insert", "update", "delete"):
-        await conn.execute(f"DROP TRIGGER IF EXISTS {_ident(f'syncer_{p.name}_{kind}')} ON {src}")
 
 
 async def uninstall_schema(conn: asyncpg.Connection) -> None:
@@ -399,172 +372,6 @@ async def created_targets(conn: asyncpg.Connection) -> list[str]:
         "SELECT name, created_column, created_table FROM syncer.pipelines ORDER BY name"
     )
     return [r["name"] for r in rows if r["created_column"] or r["created_table"]]
-
-
-# --- logical mode ---------------------------------------------------------------------------
-
-
-async def check_logical(
-    conn: asyncpg.Connection, pipelines: tuple[PipelineConfig, ...], cap: CaptureConfig
-) -> None:
-    """What logical capture needs of the server, the role and each source table."""
-    level = await conn.fetchval("SHOW wal_level")
-    if level != "logical":
-        raise SchemaError(
-            f"capture.mode = 'logical' needs wal_level = logical (the server has {level!r}): "
-            "run ALTER SYSTEM SET wal_level = logical, then restart PostgreSQL"
-        )
-    row = await conn.fetchrow(
-        "SELECT rolname, rolreplication OR rolsuper FROM pg_roles WHERE rolname = current_user"
-    )
-    assert row is not None
-    role, allowed = row[0], row[1]
-    if not allowed:
-        raise SchemaError(
-            f"capture.mode = 'logical': role {role!r} may not read a replication slot: "
-            f"ALTER ROLE {_ident(role)} REPLICATION"
-        )
-    slot = await conn.fetchrow(
-        "SELECT plugin, database FROM pg_replication_slots WHERE slot_name = $1", cap.slot
-    )
-    here = await conn.fetchval("SELECT current_database()")
-    if slot is not None and (slot["plugin"] != "pgoutput" or slot["database"] != here):
-        raise SchemaError(
-            f"capture.slot: a slot named {cap.slot!r} already exists for "
-            f"{slot['plugin']} on database {slot['database']!r}: choose another name"
-        )
-    for p in pipelines:
-        keys = [c.name for c in await key_columns(conn, p)]
-        kind, identity = await replica_identity(conn, p.schema_name, p.table_name)
-        if kind == "f" or (identity is not None and set(identity) == set(keys)):
-            continue
-        now = {
-            "n": "NOTHING",
-            "d": "DEFAULT, and it has no primary key",
-            "i": f"the index on {identity}",
-        }.get(kind, f"DEFAULT (primary key {identity})")
-        raise SchemaError(
-            f"{_where(p, 'key')}: logical capture needs the key {keys} to be the replica "
-            f"identity of {p.table} (it is {now}): ALTER TABLE {_ident(p.schema_name, p.table_name)} "
-            "REPLICA IDENTITY USING INDEX <a unique index on the key>, or REPLICA IDENTITY FULL"
-        )
-
-
-async def replica_identity(
-    conn: asyncpg.Connection, schema: str, table: str
-) -> tuple[str, tuple[str, ...] | None]:
-    """The table's replica identity ('d', 'i', 'f' or 'n') and the columns of its index."""
-    row = await conn.fetchrow(
-        """SELECT c.relreplident::text,
-                  (SELECT array_agg(a.attname ORDER BY k.ord)
-                   FROM pg_index i
-                   CROSS JOIN LATERAL unnest(i.indkey) WITH ORDINALITY AS k(attnum, ord)
-                   JOIN pg_attribute a ON a.attrelid = c.oid AND a.attnum = k.attnum
-                   WHERE i.indrelid = c.oid
-                     AND CASE c.relreplident WHEN 'd' THEN i.indisprimary
-                                             WHEN 'i' THEN i.indisreplident
-                                             ELSE false END)
-           FROM pg_class c JOIN pg_namespace n ON n.oid = c.relnamespace
-           WHERE n.nspname = $1 AND c.relname = $2""",
-        schema,
-        table,
-    )
-    assert row is not None
-    return row[0], tuple(row[1]) if row[1] else None
-
-
-async def install_publication(
-    conn: asyncpg.Connection, pipelines: tuple[PipelineConfig, ...], cap: CaptureConfig
-) -> None:
-    """The publication of the source tables, each with only the columns syncer reads
-    (key and text), so the slot carries nothing else."""
-    columns: dict[tuple[str, str], list[str] | None] = {}
-    for p in pipelines:
-        table = (p.schema_name, p.table_name)
-        kind, _ = await replica_identity(conn, *table)
-        keys = [c.name for c in await key_columns(conn, p)]
-        if kind == "f":  # a column list must hold the whole replica identity: every column
-            columns[table] = None
-        elif (have := columns.setdefault(table, [])) is not None:
-            have += [c for c in (*keys, *p.text) if c not in have]
-    entries = ", ".join(
-        _ident(*t) + (f" ({', '.join(_ident(c) for c in cols)})" if cols else "")
-        for t, cols in columns.items()
-    )
-    pub = _ident(cap.publication)
-    async with conn.transaction():
-        if await conn.fetchval(
-            "SELECT true FROM pg_publication WHERE pubname = $1", cap.publication
-        ):
-            await conn.execute(f"ALTER PUBLICATION {pub} SET TABLE {entries}")
-            await conn.execute(
-                f"ALTER PUBLICATION {pub} SET (publish = 'insert, update, delete', "
-                "publish_via_partition_root = true)"
-            )
-        else:
-            await conn.execute(
-                f"CREATE PUBLICATION {pub} FOR TABLE {entries} WITH "
-                "(publish = 'insert, update, delete', publish_via_partition_root = true)"
-            )
-
-
-async def ensure_slot(conn: asyncpg.Connection, cap: CaptureConfig) -> bool:
-    """Create the slot unless it exists; True if it was created. From its creation on,
-    every committed change is kept for the reader."""
-    if await conn.fetchval("SELECT true FROM pg_replication_slots WHERE slot_name = $1", cap.slot):
-        return False
-    await conn.execute("SELECT pg_create_logical_replication_slot($1, 'pgoutput')", cap.slot)
-    return True
-
-
-async def drop_logical(conn: asyncpg.Connection, cap: CaptureConfig) -> list[str]:
-    """Drop the slot and publication (a forgotten slot keeps WAL forever)."""
-    done: list[str] = []
-    here = await conn.fetchval("SELECT current_database()")
-    slot = await conn.fetchrow(
-        "SELECT active_pid, database FROM pg_replication_slots WHERE slot_name = $1", cap.slot
-    )
-    if slot is not None and slot["database"] == here:
-        if slot["active_pid"] is not None:
-            raise SchemaError(
-                f"capture.slot {cap.slot!r} is being read by a running worker "
-                f"(backend pid {slot['active_pid']}): stop the syncer workers first"
-            )
-        await conn.execute("SELECT pg_drop_replication_slot($1)", cap.slot)
-        done.append(f"dropped logical replication slot {cap.slot}")
-    if await conn.fetchval("SELECT true FROM pg_publication WHERE pubname = $1", cap.publication):
-        await conn.execute(f"DROP PUBLICATION {_ident(cap.publication)}")
-        done.append(f"dropped publication {cap.publication}")
-    return done
-
-
-async def check_slot(conn: asyncpg.Connection, cap: CaptureConfig) -> None:
-    """Before a logical-mode run: the slot and publication install makes are there."""
-    if not await conn.fetchval(
-        "SELECT true FROM pg_replication_slots WHERE slot_name = $1", cap.slot
-    ):
-        raise SchemaError(
-            f"capture.mode = 'logical', but there is no replication slot {cap.slot!r}: "
-            "run `syncer install`"
-        )
-    if not await conn.fetchval(
-        "SELECT true FROM pg_publication WHERE pubname = $1", cap.publication
-    ):
-        raise SchemaError(
-            f"capture.mode = 'logical', but there is no publication {cap.publication!r}: "
-            "run `syncer install`"
-        )
-
-
-async def slot_lag(conn: asyncpg.Connection, cap: CaptureConfig) -> asyncpg.Record | None:
-    """The slot's state for `status`: is a worker reading it, and how much WAL it holds."""
-    return await conn.fetchrow(
-        """SELECT active,
-                  pg_wal_lsn_diff(pg_current_wal_lsn(), confirmed_flush_lsn)::bigint AS behind,
-                  pg_wal_lsn_diff(pg_current_wal_lsn(), restart_lsn)::bigint AS retained
-           FROM pg_replication_slots WHERE slot_name = $1""",
-        cap.slot,
-    )
 
 
 # --- backfill -------------------------------------------------------------------------------

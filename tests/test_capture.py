@@ -12,7 +12,7 @@ import asyncpg
 import numpy as np
 import psycopg
 
-from syncer.capture import InboxMover
+from syncer.capture.trigger import InboxMover
 from syncer.sqlfiles import query
 from syncer.testing.fake_embedder import FakeEmbedderProcess, fake_vector
 from tests.conftest import start_syncer, syncer, wait_for

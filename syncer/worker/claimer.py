@@ -7,7 +7,8 @@ import asyncio
 import random
 from collections.abc import Awaitable, Callable
 
-from syncer.capture import always_caught_up, wait_first
+from syncer.aio import wait_first
+from syncer.capture import always_caught_up
 from syncer.config import WorkerConfig
 from syncer.observe import Claimed, Events
 from syncer.providers import Embedder

@@ -11,7 +11,7 @@ import uuid
 
 import asyncpg
 
-from syncer.capture import start_capture_side
+from syncer.capture import source_for, start_capture_side
 from syncer.config import Config
 from syncer.observe import Events
 from syncer.providers import Embedder
@@ -42,7 +42,7 @@ class Worker:
         self.wakeups = {p.name: asyncio.Event() for p in cfg.pipelines}
         self.rendered = rendered
         # Logical mode: vector writes to a watched table would come back through the slot.
-        mark_own = cfg.capture.mode == "logical"
+        mark_own = source_for(cfg).marks_own_writes
         self.runners = [
             PipelineRunner(
                 p,

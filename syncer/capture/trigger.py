@@ -1,10 +1,10 @@
-"""Trigger-mode capture, worker side: LISTEN for wake-ups, and move captured keys from the
-inbox to the queue.
+"""Trigger-mode capture: the capture triggers and what they install, and the worker's inbox
+mover, which moves captured keys from the inbox to the queue.
 
-The triggers (installed by syncer.schema) put keys in syncer.inbox inside the user's
-transaction, the cheapest durable write there is. A NOTIFY only wakes workers early, so a
-lost one only delays; the triggers even skip it while a worker says it is awake
-(syncer.awake_until), because NOTIFY serialises the commits of every notifying transaction.
+The triggers put keys in syncer.inbox inside the user's transaction, the cheapest durable
+write there is. A NOTIFY only wakes workers early, so a lost one only delays; the triggers
+even skip it while a worker says it is awake (syncer.awake_until), because NOTIFY
+serialises the commits of every notifying transaction.
 
 Skipping is safe because of the order in which a mover goes to sleep:
 1. it clears syncer.awake_until: from then on every trigger notifies;
@@ -20,20 +20,18 @@ import asyncio
 import contextlib
 import logging
 import time
-from collections.abc import Awaitable, Callable, Mapping
-from dataclasses import dataclass
-from typing import Any
+from collections.abc import Mapping
 
 import asyncpg
 
-from syncer.config import Config
-from syncer.db import connect_kwargs
+from syncer.aio import wait_first
+from syncer.capture.base import CaptureSide, always_caught_up, ident
+from syncer.capture.notify import start_listener, worker_handlers
+from syncer.config import Config, PipelineConfig
 from syncer.schema import PipelineSQL
 from syncer.sqlfiles import query
 
 log = logging.getLogger("syncer.capture")
-CHANNEL = "syncer"  # payload: a pipeline whose queue has new items
-INBOX_CHANNEL = "syncer_inbox"  # payload: a pipeline whose rows were captured
 
 MOVE_CHUNK = 5000  # inbox rows per move statement
 AWAKE_POLL_S = 0.005  # while awake, the inbox is looked at this often
@@ -44,58 +42,6 @@ PASSED_POLL_MAX_S = 0.2  # the longest wait between looks at step 3's transactio
 # minute: the mover VACUUMs the inbox after this many moved rows (a 150-row move took
 # 1 ms on a clean inbox and 8 ms after 450,000 moved rows; VACUUM keeps it at 1 ms).
 VACUUM_ROWS = 10_000
-
-
-class Listener:
-    """One dedicated connection LISTENing on syncer's channels; reconnects when lost."""
-
-    def __init__(
-        self,
-        dsn: str,
-        wakeups: Mapping[str, asyncio.Event],
-        kick: asyncio.Event,
-        connect_kwargs: dict[str, Any],
-    ) -> None:
-        self.dsn = dsn
-        self.wakeups = wakeups
-        self.kick = kick
-        self.connect_kwargs = connect_kwargs
-
-    def _on_notify(self, _conn: Any, _pid: int, _channel: str, payload: str) -> None:
-        event = self.wakeups.get(payload)
-        if event is not None:
-            event.set()
-
-    def _on_capture(self, _conn: Any, _pid: int, _channel: str, _payload: str) -> None:
-        self.kick.set()
-
-    def _wake_all(self) -> None:
-        self.kick.set()
-        for event in self.wakeups.values():
-            event.set()
-
-    async def run(self, stop: asyncio.Event) -> None:
-        delay_s = 0.5
-        while not stop.is_set():
-            lost = asyncio.Event()
-            try:
-                conn = await asyncpg.connect(self.dsn, **self.connect_kwargs)
-            except (OSError, asyncpg.PostgresError) as err:
-                log.warning("listener cannot connect, retrying", extra={"error": str(err)})
-                await wait_first(stop, timeout_s=delay_s)
-                delay_s = min(delay_s * 2, 30.0)
-                continue
-            delay_s = 0.5
-            try:
-                conn.add_termination_listener(lambda _c, lost=lost: lost.set())
-                await conn.add_listener(CHANNEL, self._on_notify)
-                await conn.add_listener(INBOX_CHANNEL, self._on_capture)
-                # Notifications sent while we were not listening are lost: look once now.
-                self._wake_all()
-                await wait_first(stop, lost)
-            finally:
-                if not conn.is_closed():
-                    await conn.close(timeout=5)
 
 
 class InboxMover:
@@ -207,49 +153,97 @@ async def move_inbox(
             return taken, queued
 
 
-@dataclass
-class CaptureSide:
-    """A process's capture side: the LISTEN connection, and what brings captured keys to
-    the queue (the inbox mover, or in logical mode the slot reader)."""
+class TriggerCapture:
+    """Trigger mode: statement-level triggers on each source table, and an inbox mover in
+    every worker."""
 
-    listener: asyncio.Task[None]
-    feeder: asyncio.Task[None]
-    caught_up: Callable[[], Awaitable[bool]]  # has everything captured so far been queued?
+    # The update trigger fires only when the text or the key changed: a vector write to
+    # the source table is not captured.
+    marks_own_writes = False
 
+    def __init__(self, cfg: Config) -> None:
+        self.cfg = cfg
 
-async def always_caught_up() -> bool:
-    return True  # trigger mode: the inbox is counted with the queue
+    async def check(self, conn: asyncpg.Connection) -> None:
+        return None  # the triggers need nothing beyond what install checks of a pipeline
 
+    async def install(self, conn: asyncpg.Connection) -> list[str]:
+        return await self.uninstall(conn)  # a slot left by logical mode keeps WAL forever
 
-def start_capture_side(
-    cfg: Config,
-    pool: asyncpg.Pool,
-    wakeups: Mapping[str, asyncio.Event],
-    stop: asyncio.Event,
-    rendered: Mapping[str, PipelineSQL],
-) -> CaptureSide:
-    """Start the capture side; a capture NOTIFY wakes the mover through a shared event."""
-    kick = asyncio.Event()
-    listener = Listener(cfg.database.url, wakeups, kick, connect_kwargs())
-    listen_task = asyncio.create_task(listener.run(stop), name="listener")
-    if cfg.capture.mode == "logical":
-        from syncer.logical import SlotReader
-
-        reader = SlotReader(cfg, pool, rendered, wakeups)
-        return CaptureSide(
-            listen_task, asyncio.create_task(reader.run(stop), name="slot-reader"), reader.caught_up
+    async def install_pipeline(
+        self, conn: asyncpg.Connection, p: PipelineConfig, rendered: PipelineSQL
+    ) -> None:
+        partitioned = await conn.fetchval(
+            "SELECT relkind = 'p' FROM pg_class WHERE oid = $1::regclass",
+            ident(p.schema_name, p.table_name),
         )
-    mover = InboxMover(pool, wakeups, kick, cfg.worker.poll_interval_s)
-    return CaptureSide(
-        listen_task, asyncio.create_task(mover.run(stop), name="inbox-mover"), always_caught_up
-    )
+        for step in capture_steps(p, partitioned):
+            await conn.execute(rendered[step])
+
+    async def installed(self, conn: asyncpg.Connection) -> None:
+        return None
+
+    async def uninstall(self, conn: asyncpg.Connection) -> list[str]:
+        # Imported here: a trigger-mode worker never loads psycopg2.
+        from syncer.capture.logical import drop_logical
+
+        return await drop_logical(conn, self.cfg.capture)
+
+    async def uninstall_pipeline(self, conn: asyncpg.Connection, p: PipelineConfig) -> None:
+        await drop_triggers(conn, p)
+
+    async def check_run(self, conn: asyncpg.Connection) -> None:
+        return None
+
+    def start(
+        self,
+        pool: asyncpg.Pool,
+        wakeups: Mapping[str, asyncio.Event],
+        stop: asyncio.Event,
+        rendered: Mapping[str, PipelineSQL],
+    ) -> CaptureSide:
+        """A capture NOTIFY wakes the mover through a shared event."""
+        kick = asyncio.Event()
+        listen_task = start_listener(self.cfg.database.url, worker_handlers(wakeups, kick), stop)
+        mover = InboxMover(pool, wakeups, kick, self.cfg.worker.poll_interval_s)
+        return CaptureSide(
+            listen_task, asyncio.create_task(mover.run(stop), name="inbox-mover"), always_caught_up
+        )
+
+    async def status(self, conn: asyncpg.Connection) -> asyncpg.Record | None:
+        return None
 
 
-async def wait_first(*events: asyncio.Event, timeout_s: float | None = None) -> None:
-    """Return when any event is set, or after timeout_s."""
-    waits = [asyncio.create_task(e.wait()) for e in events]
-    try:
-        await asyncio.wait(waits, timeout=timeout_s, return_when=asyncio.FIRST_COMPLETED)
-    finally:
-        for t in waits:
-            t.cancel()
+def capture_steps(p: PipelineConfig, partitioned: bool) -> tuple[str, ...]:
+    """The rendered statements that install the pipeline's capture triggers, in order."""
+    steps = _INSTALL_STEPS[p.target]
+    if partitioned:
+        steps = tuple(_ROW_LEVEL.get(step, step) for step in steps)
+    return steps
+
+
+_COMMON_STEPS = (
+    "capture_insert_function",
+    "capture_update_function",
+    "capture_insert_trigger",
+    "capture_update_trigger",
+)
+_INSTALL_STEPS: dict[str, tuple[str, ...]] = {
+    "column": _COMMON_STEPS,
+    "table": (*_COMMON_STEPS, "capture_delete_function", "capture_delete_trigger"),
+}
+
+
+# A partitioned table's row movement fires only row-level INSERT and DELETE triggers.
+_ROW_LEVEL = {
+    "capture_insert_function": "capture_insert_row_function",
+    "capture_insert_trigger": "capture_insert_row_trigger",
+    "capture_delete_function": "capture_delete_row_function",
+    "capture_delete_trigger": "capture_delete_row_trigger",
+}
+
+
+async def drop_triggers(conn: asyncpg.Connection, p: PipelineConfig) -> None:
+    src = ident(p.schema_name, p.table_name)
+    for kind in ("insert", "update", "delete"):
+        await conn.execute(f"DROP TRIGGER IF EXISTS {ident(f'syncer_{p.name}_{kind}')} ON {src}")

@@ -1,0 +1,140 @@
+"""The LISTEN connection: syncer's notifications, parsed into typed messages in one place
+and handed to handlers.
+
+What is sent (by the capture triggers, the slot reader, backfill and replay-dlq), one
+message kind per channel, the payload a pipeline's name:
+- `syncer`: the pipeline's queue has new items (Wakeup), for its claimer;
+- `syncer_inbox`: the pipeline's rows were captured into the inbox (Captured), for the
+  inbox mover.
+A NOTIFY only wakes a waiter early: everything it announces is also found by a poll, so a
+lost one only delays. A new kind (the control messages: pause, resume, quota) is a
+dataclass here, its channel in `_KINDS`, and a field of Handlers.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+from collections.abc import Callable, Mapping
+from dataclasses import dataclass
+from typing import Any, assert_never
+
+import asyncpg
+
+from syncer.aio import wait_first
+from syncer.db import connect_kwargs
+
+log = logging.getLogger("syncer.capture")
+CHANNEL = "syncer"  # payload: a pipeline whose queue has new items
+INBOX_CHANNEL = "syncer_inbox"  # payload: a pipeline whose rows were captured
+
+
+@dataclass(frozen=True)
+class Wakeup:
+    """The pipeline's queue has new items."""
+
+    pipeline: str
+
+
+@dataclass(frozen=True)
+class Captured:
+    """The pipeline's rows were captured into the inbox."""
+
+    pipeline: str
+
+
+Message = Wakeup | Captured
+
+_KINDS: dict[str, Callable[[str], Message]] = {CHANNEL: Wakeup, INBOX_CHANNEL: Captured}
+CHANNELS = tuple(_KINDS)
+
+
+def parse(channel: str, payload: str) -> Message | None:
+    """The message a notification carries; None for a channel syncer does not know."""
+    kind = _KINDS.get(channel)
+    return kind(payload) if kind is not None else None
+
+
+@dataclass(frozen=True)
+class Handlers:
+    """What to do with each kind of message, and after each (re)connect: notifications
+    sent while nobody listened are lost, so whatever they would have woken must look now."""
+
+    wakeup: Callable[[Wakeup], None]
+    captured: Callable[[Captured], None]
+    connected: Callable[[], None]
+
+    def dispatch(self, msg: Message) -> None:
+        match msg:
+            case Wakeup():
+                self.wakeup(msg)
+            case Captured():
+                self.captured(msg)
+            case _:
+                assert_never(msg)
+
+
+def worker_handlers(
+    wakeups: Mapping[str, asyncio.Event], kick: asyncio.Event | None = None
+) -> Handlers:
+    """A worker's: a Wakeup wakes its pipeline's claimer, a Captured wakes the inbox mover
+    (`kick`; logical mode has none), a (re)connect wakes them all."""
+
+    def wakeup(msg: Wakeup) -> None:
+        event = wakeups.get(msg.pipeline)
+        if event is not None:
+            event.set()
+
+    def captured(_msg: Captured) -> None:
+        if kick is not None:
+            kick.set()
+
+    def connected() -> None:
+        if kick is not None:
+            kick.set()
+        for event in wakeups.values():
+            event.set()
+
+    return Handlers(wakeup, captured, connected)
+
+
+class Listener:
+    """One dedicated connection LISTENing on syncer's channels; reconnects when lost."""
+
+    def __init__(self, dsn: str, handlers: Handlers, connect_kwargs: dict[str, Any]) -> None:
+        self.dsn = dsn
+        self.handlers = handlers
+        self.connect_kwargs = connect_kwargs
+
+    def _on_notify(self, _conn: Any, _pid: int, channel: str, payload: str) -> None:
+        msg = parse(channel, payload)
+        if msg is not None:
+            self.handlers.dispatch(msg)
+
+    async def run(self, stop: asyncio.Event) -> None:
+        delay_s = 0.5
+        while not stop.is_set():
+            lost = asyncio.Event()
+            try:
+                conn = await asyncpg.connect(self.dsn, **self.connect_kwargs)
+            except (OSError, asyncpg.PostgresError) as err:
+                log.warning("listener cannot connect, retrying", extra={"error": str(err)})
+                await wait_first(stop, timeout_s=delay_s)
+                delay_s = min(delay_s * 2, 30.0)
+                continue
+            delay_s = 0.5
+            try:
+                conn.add_termination_listener(lambda _c, lost=lost: lost.set())
+                for channel in CHANNELS:
+                    await conn.add_listener(channel, self._on_notify)
+                # Notifications sent while we were not listening are lost: look once now.
+                self.handlers.connected()
+                await wait_first(stop, lost)
+            finally:
+                if not conn.is_closed():
+                    await conn.close(timeout=5)
+
+
+def start_listener(dsn: str, handlers: Handlers, stop: asyncio.Event) -> asyncio.Task[None]:
+    listener = Listener(dsn, handlers, connect_kwargs())
+    return asyncio.create_task(listener.run(stop), name="listener")
