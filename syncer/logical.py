@@ -39,6 +39,7 @@ import psycopg2.extras
 from syncer.config import Config, PipelineConfig
 from syncer.errors import SlotError
 from syncer.schema import PipelineSQL
+from syncer.sqlfiles import query
 from syncer.write import OWN_PREFIX
 
 log = logging.getLogger("syncer.logical")
@@ -47,10 +48,14 @@ FLUSH_KEYS = 5000  # queue this many keys at most in one transaction
 FLUSH_DELAY_S = 0.005  # while changes stream in, queue them at most this often
 STANDBY_S = 2.0  # how often a standing-by worker tries to take the slot
 IDLE_WAIT_S = 0.2  # the longest the reader sleeps between looks at the stop flag
+VISIBLE_POLL_MAX_S = 0.05  # the longest wait between looks at a decoded commit's visibility
+INVISIBLE_WARN_S = 1.0  # a decoded commit not visible for this long is worth a warning
 
 _I16 = struct.Struct("!h")
 _I32 = struct.Struct("!i")
+_U32 = struct.Struct("!I")
 _U64 = struct.Struct("!Q")
+XID_SPAN = 1 << 32
 
 
 @dataclass(frozen=True)
@@ -97,22 +102,26 @@ class Decoder:
     """pgoutput protocol version 1: the messages syncer needs, turned into pending keys.
 
     Keys are gathered per pipeline as tuples of the key columns' text forms; `take()` hands
-    them over. Once they are queued, the slot may be confirmed up to `last_commit_end`.
+    them over, with the (32-bit) xids of the transactions they came from. Once they are
+    queued, the slot may be confirmed up to `last_commit_end`.
     """
 
     pipelines: Sequence[PipelineConfig]
     key_names: Mapping[str, tuple[str, ...]]
     relations: dict[int, list[Watch]] = field(default_factory=dict)
     keys: dict[str, set[tuple[bytes, ...]]] = field(default_factory=dict)
+    xids: set[int] = field(default_factory=set)  # the transactions the pending keys are from
     pending: int = 0
     in_txn: bool = False
+    xid: int = 0  # the transaction being read
     own_txn: bool = False
     last_commit_end: int = 0  # the end of the last transaction read in full
 
     def feed(self, msg: bytes) -> None:
         kind = msg[0]
-        if kind == 0x42:  # 'B'
+        if kind == 0x42:  # 'B': final LSN, commit timestamp, xid
             self.in_txn, self.own_txn = True, False
+            (self.xid,) = _U32.unpack_from(msg, 17)
         elif kind == 0x43:  # 'C': flags, commit LSN, end LSN, timestamp
             (self.last_commit_end,) = _U64.unpack_from(msg, 10)
             self.in_txn = False
@@ -131,8 +140,9 @@ class Decoder:
             if msg[1] & 1 and prefix == OWN_PREFIX and self.in_txn:
                 self.own_txn = True
 
-    def take(self) -> dict[str, list[str]]:
-        """The pending keys as JSON objects of text values, by pipeline; clears them."""
+    def take(self) -> tuple[dict[str, list[str]], set[int]]:
+        """The pending keys as JSON objects of text values, by pipeline, and the xids of
+        their transactions; clears them."""
         out = {
             name: [
                 orjson.dumps(
@@ -143,9 +153,10 @@ class Decoder:
             for name, keys in self.keys.items()
             if keys
         }
+        xids, self.xids = self.xids, set()
         self.keys.clear()
         self.pending = 0
-        return out
+        return out, xids
 
     def _relation(self, msg: bytes) -> None:
         (relid,) = _I32.unpack_from(msg, 1)
@@ -190,6 +201,7 @@ class Decoder:
                 extra={"pipeline": w.pipeline},
             )
             return
+        self.xids.add(self.xid)  # even for a key already pending: this version must be seen
         bucket = self.keys.setdefault(w.pipeline, set())
         before = len(bucket)
         bucket.add(key)  # type: ignore[arg-type]
@@ -347,7 +359,7 @@ class SlotReader:
                 if msg is not None:
                     dec.feed(msg.payload)
                     if dec.pending >= FLUSH_KEYS:
-                        self._flush(loop, dec, cur)
+                        self._flush(loop, dec, cur, halt)
                     continue
                 # The socket is drained for now.
                 wait_s = IDLE_WAIT_S
@@ -358,7 +370,7 @@ class SlotReader:
                     if left > 0:
                         halt.wait(left)
                     else:
-                        self._flush(loop, dec, cur)
+                        self._flush(loop, dec, cur, halt)
                         last_flush = time.monotonic()
                     continue
                 elif dec.last_commit_end > self.confirmed and not dec.in_txn:
@@ -381,10 +393,13 @@ class SlotReader:
         loop: asyncio.AbstractEventLoop,
         dec: Decoder,
         cur: psycopg2.extras.ReplicationCursor,
+        halt: threading.Event,
     ) -> None:
-        keys = dec.take()
+        keys, xids = dec.take()
         if keys:
-            asyncio.run_coroutine_threadsafe(self._enqueue(keys), loop).result()
+            queued = asyncio.run_coroutine_threadsafe(self._enqueue(keys, xids, halt), loop)
+            if not queued.result():
+                return  # stopping: nothing is confirmed, the next reader reads these again
         # Every transaction read in full is queued now; a partial one is read again.
         if dec.last_commit_end > self.confirmed:
             self._confirm(cur, dec.last_commit_end)
@@ -393,7 +408,12 @@ class SlotReader:
         cur.send_feedback(flush_lsn=lsn, force=True)  # type: ignore[no-untyped-call]
         self.confirmed = lsn
 
-    async def _enqueue(self, keys: dict[str, list[str]]) -> None:
+    async def _enqueue(
+        self, keys: dict[str, list[str]], xids: set[int], halt: threading.Event
+    ) -> bool:
+        """Queue the keys once their transactions are visible; False if stopping first."""
+        if not await self._wait_visible(xids, halt):
+            return False
         async with self.pool.acquire() as conn, conn.transaction():
             for name, batch in keys.items():
                 await conn.execute(self.rendered[name]["logical_enqueue"], batch)
@@ -402,3 +422,43 @@ class SlotReader:
             event = self.wakeups.get(name)
             if event is not None:
                 event.set()
+        return True
+
+    async def _wait_visible(self, xids: set[int], halt: threading.Event) -> bool:
+        """Wait until other sessions see these transactions; False if stopping first.
+
+        A commit is decoded once its WAL is flushed, but other sessions see it only once
+        its backend has left the ProcArray: a moment later (longer on a starved CPU), or
+        not before a synchronous standby has it. A worker reading the row before then
+        finds the old text, or no row, and finishes the item as unchanged or cleared:
+        the change would be lost. Almost always the first look finds them visible.
+        """
+        start = time.monotonic()
+        delay_s, warned = 0.0005, False
+        while not self._visible_in(await self.pool.fetchval(query("snapshot_now")), xids):
+            if halt.is_set():
+                return False
+            if not warned and time.monotonic() - start >= INVISIBLE_WARN_S:
+                warned = True
+                log.warning(
+                    "committed transactions read from the slot are not visible yet (waiting "
+                    "for a synchronous standby?): their changes are queued once they are",
+                    extra={"slot": self.slot, "xids": sorted(xids)},
+                )
+            await asyncio.sleep(delay_s)
+            delay_s = min(delay_s * 2, VISIBLE_POLL_MAX_S)
+        return True
+
+    @staticmethod
+    def _visible_in(snapshot: str, xids: set[int]) -> bool:
+        """Does a pg_snapshot ('xmin:xmax:xip,...') see these committed transactions,
+        given by the low 32 bits of their xids (as pgoutput sends them)?"""
+        xmin_s, xmax_s, xip_s = snapshot.split(":")
+        xmax = int(xmax_s)
+        running = {int(x) for x in xip_s.split(",") if x}
+        for xid in xids:
+            # The full xid is the one within 2^31 of xmax: no live xid is further away.
+            full = xmax + (xid - xmax + XID_SPAN // 2) % XID_SPAN - XID_SPAN // 2
+            if full >= xmax or (full >= int(xmin_s) and full in running):
+                return False
+        return True
