@@ -29,6 +29,7 @@ import numpy as np
 import psycopg
 import pytest
 
+from syncer.logical import SlotReader
 from tests.conftest import LOGICAL_SETTINGS, start_pg, syncer, wait_for
 from tests.test_pipeline import DIM, composed, create_docs, fake_vector
 from tests.test_resilience import Background, background, dead, one, queued, until
@@ -237,3 +238,14 @@ def test_many_single_row_commits_under_cpu_pressure(
     lost = stale(db)
     assert lost == [], f"{len(lost)} of {commits} commits lost: {lost[:5]}"
     assert bg.stop() == 0
+
+
+def test_visibility_of_32_bit_xids_in_a_snapshot() -> None:
+    visible = SlotReader._visible_in
+    assert visible("100:105:102,104", {99, 101, 103})
+    assert not visible("100:105:102,104", {101, 102})  # still in progress
+    assert not visible("100:105:", {105})  # at or past xmax: not yet completed
+    epoch = 1 << 32  # the second epoch: the low 32 bits wrapped around
+    snap = f"{epoch - 10}:{epoch + 5}:{epoch + 2}"
+    assert visible(snap, {(epoch - 20) % epoch, epoch - 3, 1})  # both sides of the wrap
+    assert not visible(snap, {2}) and not visible(snap, {7})
