@@ -33,13 +33,19 @@ _counter = itertools.count()
 def pg() -> Iterator[embedded_pg.EmbeddedPostgres]:
     # wal_level = logical for the logical-mode tests; the WAL writer flushes often, because
     # with synchronous_commit = off a change reaches a slot only once its WAL is flushed.
-    server = embedded_pg.start(settings=LOGICAL_SETTINGS)
+    server = start_pg(LOGICAL_SETTINGS)
+    yield server
+    server.stop()
+
+
+def start_pg(settings: dict[str, str]) -> embedded_pg.EmbeddedPostgres:
+    """A server with these settings and the template database the `db_url` fixture copies."""
+    server = embedded_pg.start(settings=settings)
     with psycopg.connect(server.url(), autocommit=True) as conn:
         conn.execute(f"CREATE DATABASE {TEMPLATE}")
     with psycopg.connect(server.url(TEMPLATE), autocommit=True) as conn:
         conn.execute("CREATE EXTENSION vector")
-    yield server
-    server.stop()
+    return server
 
 
 @pytest.fixture()

@@ -40,6 +40,7 @@ from syncer.capture.trigger import drop_triggers, move_inbox
 from syncer.config import CaptureConfig, Config, PipelineConfig
 from syncer.errors import SchemaError, SlotError
 from syncer.schema import PipelineSQL
+from syncer.sqlfiles import query
 
 log = logging.getLogger("syncer.logical")
 
@@ -47,6 +48,9 @@ FLUSH_KEYS = 5000  # queue this many keys at most in one transaction
 FLUSH_DELAY_S = 0.005  # while changes stream in, queue them at most this often
 STANDBY_S = 2.0  # how often a standing-by worker tries to take the slot
 IDLE_WAIT_S = 0.2  # the longest the reader sleeps between looks at the stop flag
+VISIBLE_POLL_MAX_S = 0.05  # the longest wait between looks at a decoded commit's visibility
+INVISIBLE_WARN_S = 1.0  # a decoded commit not visible for this long is worth a warning
+XID_SPAN = 1 << 32
 
 
 class SlotReader:
@@ -153,7 +157,7 @@ class SlotReader:
                 if msg is not None:
                     dec.feed(msg.payload)
                     if dec.pending >= FLUSH_KEYS:
-                        self._flush(loop, dec, cur)
+                        self._flush(loop, dec, cur, halt)
                     continue
                 # The socket is drained for now.
                 wait_s = IDLE_WAIT_S
@@ -164,7 +168,7 @@ class SlotReader:
                     if left > 0:
                         halt.wait(left)
                     else:
-                        self._flush(loop, dec, cur)
+                        self._flush(loop, dec, cur, halt)
                         last_flush = time.monotonic()
                     continue
                 elif dec.last_commit_end > self.confirmed and not dec.in_txn:
@@ -187,10 +191,13 @@ class SlotReader:
         loop: asyncio.AbstractEventLoop,
         dec: Decoder,
         cur: psycopg2.extras.ReplicationCursor,
+        halt: threading.Event,
     ) -> None:
-        keys = dec.take()
+        keys, xids = dec.take()
         if keys:
-            asyncio.run_coroutine_threadsafe(self._enqueue(keys), loop).result()
+            queued = asyncio.run_coroutine_threadsafe(self._enqueue(keys, xids, halt), loop)
+            if not queued.result():
+                return  # stopping: nothing is confirmed, the next reader reads these again
         # Every transaction read in full is queued now; a partial one is read again.
         if dec.last_commit_end > self.confirmed:
             self._confirm(cur, dec.last_commit_end)
@@ -199,7 +206,12 @@ class SlotReader:
         cur.send_feedback(flush_lsn=lsn, force=True)  # type: ignore[no-untyped-call]
         self.confirmed = lsn
 
-    async def _enqueue(self, keys: dict[str, list[str]]) -> None:
+    async def _enqueue(
+        self, keys: dict[str, list[str]], xids: set[int], halt: threading.Event
+    ) -> bool:
+        """Queue the keys once their transactions are visible; False if stopping first."""
+        if not await self._wait_visible(xids, halt):
+            return False
         async with self.pool.acquire() as conn, conn.transaction():
             for name, batch in keys.items():
                 await conn.execute(self.rendered[name]["logical_enqueue"], batch)
@@ -208,6 +220,46 @@ class SlotReader:
             event = self.wakeups.get(name)
             if event is not None:
                 event.set()
+        return True
+
+    async def _wait_visible(self, xids: set[int], halt: threading.Event) -> bool:
+        """Wait until other sessions see these transactions; False if stopping first.
+
+        A commit is decoded once its WAL is flushed, but other sessions see it only once
+        its backend has left the ProcArray: a moment later (longer on a starved CPU), or
+        not before a synchronous standby has it. A worker reading the row before then
+        finds the old text, or no row, and finishes the item as unchanged or cleared:
+        the change would be lost. Almost always the first look finds them visible.
+        """
+        start = time.monotonic()
+        delay_s, warned = 0.0005, False
+        while not self._visible_in(await self.pool.fetchval(query("snapshot_now")), xids):
+            if halt.is_set():
+                return False
+            if not warned and time.monotonic() - start >= INVISIBLE_WARN_S:
+                warned = True
+                log.warning(
+                    "committed transactions read from the slot are not visible yet (waiting "
+                    "for a synchronous standby?): their changes are queued once they are",
+                    extra={"slot": self.slot, "xids": sorted(xids)},
+                )
+            await asyncio.sleep(delay_s)
+            delay_s = min(delay_s * 2, VISIBLE_POLL_MAX_S)
+        return True
+
+    @staticmethod
+    def _visible_in(snapshot: str, xids: set[int]) -> bool:
+        """Does a pg_snapshot ('xmin:xmax:xip,...') see these committed transactions,
+        given by the low 32 bits of their xids (as pgoutput sends them)?"""
+        xmin_s, xmax_s, xip_s = snapshot.split(":")
+        xmax = int(xmax_s)
+        running = {int(x) for x in xip_s.split(",") if x}
+        for xid in xids:
+            # The full xid is the one within 2^31 of xmax: no live xid is further away.
+            full = xmax + (xid - xmax + XID_SPAN // 2) % XID_SPAN - XID_SPAN // 2
+            if full >= xmax or (full >= int(xmin_s) and full in running):
+                return False
+        return True
 
 
 class LogicalCapture:

@@ -24,6 +24,7 @@ log = logging.getLogger("syncer.logical")
 
 _I16 = struct.Struct("!h")
 _I32 = struct.Struct("!i")
+_U32 = struct.Struct("!I")
 _U64 = struct.Struct("!Q")
 
 
@@ -71,22 +72,26 @@ class Decoder:
     """pgoutput protocol version 1: the messages syncer needs, turned into pending keys.
 
     Keys are gathered per pipeline as tuples of the key columns' text forms; `take()` hands
-    them over. Once they are queued, the slot may be confirmed up to `last_commit_end`.
+    them over, with the (32-bit) xids of the transactions they came from. Once they are
+    queued, the slot may be confirmed up to `last_commit_end`.
     """
 
     pipelines: Sequence[PipelineConfig]
     key_names: Mapping[str, tuple[str, ...]]
     relations: dict[int, list[Watch]] = field(default_factory=dict)
     keys: dict[str, set[tuple[bytes, ...]]] = field(default_factory=dict)
+    xids: set[int] = field(default_factory=set)  # the transactions the pending keys are from
     pending: int = 0
     in_txn: bool = False
+    xid: int = 0  # the transaction being read
     own_txn: bool = False
     last_commit_end: int = 0  # the end of the last transaction read in full
 
     def feed(self, msg: bytes) -> None:
         kind = msg[0]
-        if kind == 0x42:  # 'B'
+        if kind == 0x42:  # 'B': final LSN, commit timestamp, xid
             self.in_txn, self.own_txn = True, False
+            (self.xid,) = _U32.unpack_from(msg, 17)
         elif kind == 0x43:  # 'C': flags, commit LSN, end LSN, timestamp
             (self.last_commit_end,) = _U64.unpack_from(msg, 10)
             self.in_txn = False
@@ -105,8 +110,9 @@ class Decoder:
             if msg[1] & 1 and prefix == OWN_PREFIX and self.in_txn:
                 self.own_txn = True
 
-    def take(self) -> dict[str, list[str]]:
-        """The pending keys as JSON objects of text values, by pipeline; clears them."""
+    def take(self) -> tuple[dict[str, list[str]], set[int]]:
+        """The pending keys as JSON objects of text values, by pipeline, and the xids of
+        their transactions; clears them."""
         out = {
             name: [
                 orjson.dumps(
@@ -117,9 +123,10 @@ class Decoder:
             for name, keys in self.keys.items()
             if keys
         }
+        xids, self.xids = self.xids, set()
         self.keys.clear()
         self.pending = 0
-        return out
+        return out, xids
 
     def _relation(self, msg: bytes) -> None:
         (relid,) = _I32.unpack_from(msg, 1)
@@ -164,6 +171,7 @@ class Decoder:
                 extra={"pipeline": w.pipeline},
             )
             return
+        self.xids.add(self.xid)  # even for a key already pending: this version must be seen
         bucket = self.keys.setdefault(w.pipeline, set())
         before = len(bucket)
         bucket.add(key)  # type: ignore[arg-type]
