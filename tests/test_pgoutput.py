@@ -94,8 +94,11 @@ def txn(dec: Decoder, *changes: bytes, end_lsn: int = 0x2000) -> dict[str, list[
     """Feed one transaction; the ids it queued, by pipeline."""
     for msg in (begin(), *changes, commit(end_lsn)):
         dec.feed(msg)
+    keys_by_pipeline, xids = dec.take()
+    assert xids == ({700} if keys_by_pipeline else set())  # what the reader waits to see
     return {
-        name: sorted(int(orjson.loads(k)["id"]) for k in keys) for name, keys in dec.take().items()
+        name: sorted(int(orjson.loads(k)["id"]) for k in keys)
+        for name, keys in keys_by_pipeline.items()
     }
 
 
@@ -118,7 +121,7 @@ def test_key_values_are_queued_as_the_triggers_write_them() -> None:
     for msg in (begin(), insert("7", "a", None, None), commit(0x2000)):
         dec.feed(msg)
     assert dec.pending == 1
-    assert dec.take() == {"docs": ['{"id":"7"}']}
+    assert dec.take() == ({"docs": ['{"id":"7"}']}, {700})
 
 
 def test_update_queues_text_changes_and_both_keys_of_a_moved_row() -> None:
