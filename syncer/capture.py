@@ -28,7 +28,7 @@ import asyncpg
 
 from syncer.config import Config
 from syncer.db import connect_kwargs
-from syncer.schema import PipelineSQL
+from syncer.schema.render import PipelineSQL
 from syncer.sqlfiles import query
 
 log = logging.getLogger("syncer.capture")

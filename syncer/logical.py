@@ -38,8 +38,8 @@ import psycopg2.extras
 
 from syncer.config import Config, PipelineConfig
 from syncer.errors import SlotError
-from syncer.schema import PipelineSQL
-from syncer.write import OWN_PREFIX
+from syncer.schema.render import PipelineSQL
+from syncer.targets.store import OWN_PREFIX
 
 log = logging.getLogger("syncer.logical")
 

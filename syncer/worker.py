@@ -37,8 +37,8 @@ from syncer.limits import estimate_tokens, pack_requests, truncate_to_tokens
 from syncer.observe import Events
 from syncer.queue import Failure, Item, Queue
 from syncer.retry import backoff_s
-from syncer.schema import PipelineSQL
-from syncer.write import SourceRow, VectorStore, WriteBatch
+from syncer.schema.render import PipelineSQL
+from syncer.targets import SourceRow, VectorStore, WriteBatch, store_for
 
 log = logging.getLogger("syncer.worker")
 
@@ -498,13 +498,7 @@ class Worker:
                 p,
                 cfg.worker,
                 self.queue,
-                VectorStore(
-                    pool,
-                    rendered[p.name],
-                    p.target,
-                    p.vector_type,
-                    mark_own,
-                ),
+                store_for(pool, p, rendered[p.name], mark_own),
                 embedders[p.provider],
                 p.provider,
                 cfg.providers[p.provider],
