@@ -1,10 +1,12 @@
 -- Version 2: capture triggers write to an unindexed inbox that workers move to the queue in
 -- bulk; a sequence tells the triggers that a worker is awake (no NOTIFY needed then).
+-- Idempotent, as schema.sql was when it upgraded version 1 in place: a database whose
+-- recorded version lags its tables upgrades all the same.
 
 -- Where the capture triggers put keys, inside the user's transaction. Built to make that
 -- insert as cheap as an insert can be: no index, no identity, no defaults, no foreign key.
 -- Workers move its rows to syncer.queue in bulk (inbox_move) and work from there.
-CREATE TABLE syncer.inbox (
+CREATE TABLE IF NOT EXISTS syncer.inbox (
     pipeline text NOT NULL,
     key      jsonb NOT NULL
 );
@@ -18,7 +20,7 @@ ALTER TABLE syncer.inbox SET (autovacuum_vacuum_scale_factor = 0,
 -- it sleeps; 0: none is. A sequence because setval is seen by every session at once,
 -- outside transactions, and reading it takes no lock: the triggers read it to skip a
 -- NOTIFY (and its commit-time lock) while a worker is draining anyway.
-CREATE SEQUENCE syncer.awake_until MINVALUE 0 START 0;
+CREATE SEQUENCE IF NOT EXISTS syncer.awake_until MINVALUE 0 START 0;
 
 -- Leases, retries and attempts are the worker's side of syncer.queue; users' writes never
 -- touch it any more. An item is updated once (its claim), then deleted: room left on its
