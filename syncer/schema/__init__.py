@@ -1,9 +1,10 @@
 """syncer's database objects.
 
-- `render`: each pipeline's statements, rendered once with quoted identifiers (PipelineSQL).
+- `names`: identifiers and literals quoted for SQL text, qualified table names parsed.
 - `catalog`: what the database has: a table's columns, its unique keys, a pipeline's key.
-- `migrations`: the numbered files in sql/migrations/ and the runner that applies them.
+- `render`: each pipeline's statements, rendered once with quoted identifiers (PipelineSQL).
+- `migrations`: the numbered files in sql/migrations/, the runner, SCHEMA_VERSION.
 - `install`: install, check and remove syncer's schema and each pipeline's objects.
 
-Identifiers from the config reach a statement only through `quote` (psycopg.sql).
+Each target's own DDL and statements are the target's (syncer.targets).
 """
