@@ -18,8 +18,8 @@ from bench.report import Result
 from syncer import app, config, db
 from syncer.capture.trigger import move_inbox
 from syncer.queue import Queue
+from syncer.targets import WriteBatch, store_for
 from syncer.worker import MAX_WRITE_ROWS, window
-from syncer.write import VectorStore, WriteBatch
 
 _seeds = itertools.count(1000)  # a new seed per backlog: texts the fake server never cached
 
@@ -153,7 +153,7 @@ async def statements_alone(h: Harness, rows: int) -> float:
             async with pool.acquire() as pooled:
                 rendered = await app.checked_pipeline(pooled, p)  # type: ignore[arg-type]
             queue = Queue(pool, "bench", 60.0)
-            store = VectorStore(pool, rendered, p.target, p.vector_type)
+            store = store_for(pool, p, rendered)
             await move_inbox(pool)
             while items := await queue.claim(p.name, claim):
                 fetched = await store.fetch([i.key for i in items])

@@ -13,15 +13,19 @@ from pathlib import Path
 import asyncpg
 
 from syncer import config as config_mod
-from syncer import schema
+from syncer.backfill import backfill as enqueue_backfill
 from syncer.capture import source_for
 from syncer.config import Config, PipelineConfig
 from syncer.db import connect, create_pool, ensure_vector_extension
 from syncer.errors import EXIT_PROVIDER, SchemaError
 from syncer.observe import Events
 from syncer.providers import Embedder, make_embedder
-from syncer.schema import PipelineSQL
+from syncer.schema import install as schema
+from syncer.schema.catalog import key_columns
+from syncer.schema.migrations import SCHEMA_VERSION, installed_version
+from syncer.schema.render import PipelineSQL, render
 from syncer.sqlfiles import query
+from syncer.targets import for_pipeline
 from syncer.worker import ProviderPaused, Worker
 
 
@@ -39,8 +43,7 @@ async def install(
         source = source_for(cfg)
         # Check every pipeline before creating anything, so a typo changes nothing.
         for p in cfg.pipelines:
-            await schema.key_columns(conn, p)
-            await schema.check_target(conn, p)
+            await schema.check_pipeline(conn, p)
         await source.check(conn)
         await schema.install_schema(conn)
         for line in await source.install(conn):
@@ -57,7 +60,7 @@ async def install(
         for p in cfg.pipelines:
             rendered = rendered_all[p.name]
             if backfill:
-                enqueued[p.name] = await schema.backfill(conn, rendered, everything=False)
+                enqueued[p.name] = await enqueue_backfill(conn, rendered, everything=False)
                 echo(f"pipeline {p.name}: {enqueued[p.name]} existing rows queued for embedding")
         return enqueued
     finally:
@@ -67,7 +70,7 @@ async def install(
 async def uninstall(cfg: Config, keep_vectors: bool, echo: Callable[[str], None] = print) -> None:
     conn = await connect(cfg.database.url)
     try:
-        if await schema.installed_version(conn) is None:
+        if await installed_version(conn) is None:
             echo("syncer is not installed in this database; nothing to do")
             return
         source = source_for(cfg)
@@ -100,7 +103,7 @@ async def backfill(
         out: dict[str, int] = {}
         for p in select(cfg, pipeline):
             rendered = await checked_pipeline(conn, p)
-            out[p.name] = await schema.backfill(conn, rendered, everything)
+            out[p.name] = await enqueue_backfill(conn, rendered, everything)
             echo(f"pipeline {p.name}: {out[p.name]} rows queued")
         return out
     finally:
@@ -109,13 +112,13 @@ async def backfill(
 
 async def checked_pipeline(conn: asyncpg.Connection, p: PipelineConfig) -> PipelineSQL:
     """The pipeline's SQL, after checking that install ran with this very configuration."""
-    version = await schema.installed_version(conn)
+    version = await installed_version(conn)
     if version is None:
         raise SchemaError("syncer is not installed in this database: run `syncer install` first")
-    if version < schema.SCHEMA_VERSION:
+    if version < SCHEMA_VERSION:
         raise SchemaError(
             f"syncer's objects in this database are version {version}, this syncer needs "
-            f"{schema.SCHEMA_VERSION}: run `syncer install` again to upgrade them"
+            f"{SCHEMA_VERSION}: run `syncer install` again to upgrade them"
         )
     row = await conn.fetchrow(query("pipeline_get"), p.name)
     if row is None:
@@ -125,11 +128,10 @@ async def checked_pipeline(conn: asyncpg.Connection, p: PipelineConfig) -> Pipel
             f"pipeline {p.name!r}: the configuration changed since install "
             "(table, text, model, dimensions or vector type): run `syncer install` again"
         )
-    keys = await schema.key_columns(conn, p)
-    exists = await schema.check_target(conn, p)
-    if not any(exists):
+    keys = await key_columns(conn, p)
+    if not await for_pipeline(p).check(conn):
         raise SchemaError(f"pipeline {p.name!r}: its target is missing: run `syncer install`")
-    return schema.render(p, keys)
+    return render(p, keys)
 
 
 def make_embedders(cfg: Config, path: Path | str) -> dict[str, Embedder]:
@@ -187,7 +189,7 @@ class Status:
 async def status(cfg: Config) -> Status:
     conn = await connect(cfg.database.url)
     try:
-        if await schema.installed_version(conn) is None:
+        if await installed_version(conn) is None:
             raise SchemaError(
                 "syncer is not installed in this database: run `syncer install` first"
             )
@@ -254,7 +256,7 @@ async def dead_letter_report(
 
 async def _installed(cfg: Config) -> asyncpg.Connection:
     conn = await connect(cfg.database.url)
-    if await schema.installed_version(conn) is None:
+    if await installed_version(conn) is None:
         await conn.close()
         raise SchemaError("syncer is not installed in this database: run `syncer install` first")
     return conn

@@ -25,7 +25,9 @@ from pydantic import (
     model_validator,
 )
 
+from syncer import targets
 from syncer.errors import ConfigError
+from syncer.schema.names import split_table
 
 DEFAULT_PATH = Path("syncer.toml")
 _NAME_RE = re.compile(r"^[a-z_][a-z0-9_]{0,40}$")
@@ -162,10 +164,7 @@ class PipelineConfig(_Model):
 
     @model_validator(mode="after")
     def _target(self) -> PipelineConfig:
-        if self.target == "table" and not self.target_table:
-            raise ValueError("target = 'table' needs target_table")
-        if self.target == "column" and self.target_table:
-            raise ValueError("target_table is only used with target = 'table'")
+        targets.for_pipeline(self).check_config()  # which keys the kind needs or refuses
         return self
 
     @property
@@ -178,7 +177,7 @@ class PipelineConfig(_Model):
 
     @property
     def hash_column(self) -> str:
-        return f"{self.column}_hash" if self.target == "column" else "content_hash"
+        return targets.for_pipeline(self).hash_column
 
     def fingerprint(self) -> str:
         """What makes a stored vector comparable: a change here makes every vector stale."""
@@ -226,24 +225,6 @@ class _RefError(ValueError):
         super().__init__(msg)
         self.loc = loc
         self.msg = msg
-
-
-def split_table(qualified: str) -> tuple[str, str]:
-    """'public.docs' -> ('public', 'docs'); a bare name means schema public.
-
-    A name that itself holds a dot can be written with double quotes: '"my.schema"."t"'.
-    """
-    m = re.fullmatch(r'(?:("(?:[^"]|"")+"|[^."]+)\.)?("(?:[^"]|"")+"|[^."]+)', qualified.strip())
-    if not m:
-        raise ValueError(f"{qualified!r} is not a table name (write schema.table)")
-    schema, table = m.group(1) or "public", m.group(2)
-    return _unquote(schema), _unquote(table)
-
-
-def _unquote(part: str) -> str:
-    if part.startswith('"'):
-        return part[1:-1].replace('""', '"')
-    return part
 
 
 def _loc(loc: tuple[int | str, ...]) -> str:

@@ -1,17 +1,29 @@
-"""Loads the named SQL blocks from the sql/ folder (`-- name --` starts a block)."""
+"""Loads the SQL files shipped in the package's sql/ folder; `-- name --` starts a named block.
+
+Read through importlib.resources, so an installed wheel (no source tree, maybe a zip)
+finds them as well as a checkout does.
+"""
 
 from __future__ import annotations
 
 import re
 from functools import cache
-from pathlib import Path
+from importlib.resources import files
+from importlib.resources.abc import Traversable
 
-SQL_DIR = Path(__file__).resolve().parent / "sql"
 _BLOCK_RE = re.compile(r"^-- ([a-z_]+) --$", re.MULTILINE)
 
 
+def sql_dir() -> Traversable:
+    return files("syncer") / "sql"
+
+
 def read(name: str) -> str:
-    return (SQL_DIR / name).read_text(encoding="utf-8")
+    """A file of the sql/ folder by its path there ('queries.sql', 'migrations/001_x.sql')."""
+    path = sql_dir()
+    for part in name.split("/"):
+        path = path / part
+    return path.read_text(encoding="utf-8")
 
 
 @cache

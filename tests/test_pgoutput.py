@@ -12,7 +12,7 @@ import pytest
 from syncer.capture.pgoutput import UNCHANGED, Decoder
 from syncer.config import PipelineConfig
 from syncer.errors import SlotError
-from syncer.write import OWN_PREFIX
+from syncer.targets.store import OWN_PREFIX
 
 DOCS = 16384  # the relation id the messages use for public.docs
 COLUMNS = ("id", "title", "body", "tag")

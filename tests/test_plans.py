@@ -23,7 +23,7 @@ from pgvector import Vector
 from pgvector.asyncpg import register_vector
 
 from syncer import app, config, db
-from syncer.write import VectorStore
+from syncer.targets import store_for
 
 from .conftest import DEFAULT_PIPELINE, syncer
 
@@ -78,7 +78,7 @@ async def test_a_batch_reads_its_own_rows_only(installed: Path, name: str) -> No
     try:
         await register_vector(conn)
         rendered = await app.checked_pipeline(conn, p)
-        store = VectorStore(conn, rendered, p.target, p.vector_type)  # type: ignore[arg-type]
+        store = store_for(conn, p, rendered)  # type: ignore[arg-type]
         ids = range(ROWS // 2, ROWS // 2 + BATCH)
         keys = [json.dumps({"id": i}) for i in ids]
         hashes = [r[0] for r in await conn.fetch(f"SELECT syncer.{name}__hash(s) FROM {name} s "

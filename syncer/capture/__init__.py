@@ -12,7 +12,7 @@ import asyncpg
 from syncer.capture.base import CaptureSide, CaptureSource, always_caught_up
 from syncer.capture.trigger import TriggerCapture
 from syncer.config import Config
-from syncer.schema import PipelineSQL
+from syncer.schema.render import PipelineSQL
 
 __all__ = ["CaptureSide", "CaptureSource", "always_caught_up", "source_for", "start_capture_side"]
 

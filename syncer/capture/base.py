@@ -12,7 +12,7 @@ import asyncpg
 from psycopg import sql
 
 from syncer.config import PipelineConfig
-from syncer.schema import PipelineSQL
+from syncer.schema.render import PipelineSQL
 
 
 @dataclass

@@ -32,14 +32,14 @@ import psycopg2
 import psycopg2.errors
 import psycopg2.extras
 
-from syncer import schema
 from syncer.capture.base import CaptureSide, ident
 from syncer.capture.notify import start_listener, worker_handlers
 from syncer.capture.pgoutput import Decoder
 from syncer.capture.trigger import drop_triggers, move_inbox
 from syncer.config import CaptureConfig, Config, PipelineConfig
 from syncer.errors import SchemaError, SlotError
-from syncer.schema import PipelineSQL
+from syncer.schema.catalog import key_columns
+from syncer.schema.render import PipelineSQL
 from syncer.sqlfiles import query
 
 log = logging.getLogger("syncer.logical")
@@ -351,7 +351,7 @@ async def check_logical(
             f"{slot['plugin']} on database {slot['database']!r}: choose another name"
         )
     for p in pipelines:
-        keys = [c.name for c in await schema.key_columns(conn, p)]
+        keys = [c.name for c in await key_columns(conn, p)]
         kind, identity = await replica_identity(conn, p.schema_name, p.table_name)
         if kind == "f" or (identity is not None and set(identity) == set(keys)):
             continue
@@ -399,7 +399,7 @@ async def install_publication(
     for p in pipelines:
         table = (p.schema_name, p.table_name)
         kind, _ = await replica_identity(conn, *table)
-        keys = [c.name for c in await schema.key_columns(conn, p)]
+        keys = [c.name for c in await key_columns(conn, p)]
         if kind == "f":  # a column list must hold the whole replica identity: every column
             columns[table] = None
         elif (have := columns.setdefault(table, [])) is not None:

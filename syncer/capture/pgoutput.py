@@ -16,9 +16,10 @@ from dataclasses import dataclass, field
 
 import orjson
 
+from syncer import targets
 from syncer.config import PipelineConfig
 from syncer.errors import SlotError
-from syncer.write import OWN_PREFIX
+from syncer.targets.store import OWN_PREFIX
 
 log = logging.getLogger("syncer.logical")
 
@@ -158,7 +159,7 @@ class Decoder:
                     p.name,
                     tuple(index[c] for c in keys),
                     tuple(index[c] for c in p.text),
-                    p.target == "table",
+                    targets.for_pipeline(p).needs_deletes,
                 )
             )
         self.relations[relid] = watches

@@ -24,11 +24,13 @@ from collections.abc import Mapping
 
 import asyncpg
 
+from syncer import targets
 from syncer.aio import wait_first
 from syncer.capture.base import CaptureSide, always_caught_up, ident
 from syncer.capture.notify import start_listener, worker_handlers
 from syncer.config import Config, PipelineConfig
-from syncer.schema import PipelineSQL
+from syncer.schema.catalog import is_partitioned
+from syncer.schema.render import PipelineSQL
 from syncer.sqlfiles import query
 
 log = logging.getLogger("syncer.capture")
@@ -173,10 +175,7 @@ class TriggerCapture:
     async def install_pipeline(
         self, conn: asyncpg.Connection, p: PipelineConfig, rendered: PipelineSQL
     ) -> None:
-        partitioned = await conn.fetchval(
-            "SELECT relkind = 'p' FROM pg_class WHERE oid = $1::regclass",
-            ident(p.schema_name, p.table_name),
-        )
+        partitioned = await is_partitioned(conn, ident(p.schema_name, p.table_name))
         for step in capture_steps(p, partitioned):
             await conn.execute(rendered[step])
 
@@ -216,7 +215,9 @@ class TriggerCapture:
 
 def capture_steps(p: PipelineConfig, partitioned: bool) -> tuple[str, ...]:
     """The rendered statements that install the pipeline's capture triggers, in order."""
-    steps = _INSTALL_STEPS[p.target]
+    steps: tuple[str, ...] = _COMMON_STEPS
+    if targets.for_pipeline(p).needs_deletes:
+        steps = _DELETE_STEPS
     if partitioned:
         steps = tuple(_ROW_LEVEL.get(step, step) for step in steps)
     return steps
@@ -228,10 +229,8 @@ _COMMON_STEPS = (
     "capture_insert_trigger",
     "capture_update_trigger",
 )
-_INSTALL_STEPS: dict[str, tuple[str, ...]] = {
-    "column": _COMMON_STEPS,
-    "table": (*_COMMON_STEPS, "capture_delete_function", "capture_delete_trigger"),
-}
+# A target that must hear of deleted rows (a side table) also gets the delete trigger.
+_DELETE_STEPS = (*_COMMON_STEPS, "capture_delete_function", "capture_delete_trigger")
 
 
 # A partitioned table's row movement fires only row-level INSERT and DELETE triggers.

@@ -10,10 +10,10 @@ from syncer.config import PipelineConfig, ProviderConfig
 from syncer.errors import InputTooLongError, SyncerError
 from syncer.providers.tokens import estimate_tokens, pack_requests, truncate_to_tokens
 from syncer.queue import Item
+from syncer.targets.store import SourceRow, VectorStore, WriteBatch
 from syncer.worker.failures import FailureRouter
 from syncer.worker.inflight import InFlight
 from syncer.worker.jobs import EmbedJob
-from syncer.write import SourceRow, VectorStore, WriteBatch
 
 log = logging.getLogger("syncer.worker")
 

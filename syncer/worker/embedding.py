@@ -12,10 +12,10 @@ from syncer.errors import CircuitOpenError, InputError, ProviderError, Retryable
 from syncer.observe import ApiRequest, Events
 from syncer.providers import Embedder, EmbedRequest, Vectors
 from syncer.retry import RetryPolicy
+from syncer.targets.store import WriteBatch
 from syncer.worker.failures import FailureRouter
 from syncer.worker.inflight import InFlight, TextId
 from syncer.worker.jobs import EmbedJob
-from syncer.write import WriteBatch
 
 Failures = list[tuple[int, SyncerError]]
 

@@ -16,9 +16,9 @@ from syncer.config import Config
 from syncer.observe import Events
 from syncer.providers import Embedder
 from syncer.queue import Queue
-from syncer.schema import PipelineSQL
+from syncer.schema.render import PipelineSQL
+from syncer.targets import store_for
 from syncer.worker.runner import PipelineRunner, supervise
-from syncer.write import VectorStore
 
 log = logging.getLogger("syncer.worker")
 
@@ -48,13 +48,7 @@ class Worker:
                 p,
                 cfg.worker,
                 self.queue,
-                VectorStore(
-                    pool,
-                    rendered[p.name],
-                    p.target,
-                    p.vector_type,
-                    mark_own,
-                ),
+                store_for(pool, p, rendered[p.name], mark_own),
                 embedders[p.provider],
                 p.provider,
                 cfg.providers[p.provider],

@@ -18,6 +18,7 @@ from syncer.observe import Events, InFlightChanged
 from syncer.providers import Embedder
 from syncer.queue import Queue
 from syncer.retry import RetryPolicy
+from syncer.targets.store import VectorStore, WriteBatch
 from syncer.worker.claimer import Claimer
 from syncer.worker.dispatcher import Dispatcher
 from syncer.worker.embedding import Embedding
@@ -25,7 +26,6 @@ from syncer.worker.failures import FailureRouter
 from syncer.worker.inflight import InFlight
 from syncer.worker.jobs import EmbedJob
 from syncer.worker.writer import Writer
-from syncer.write import VectorStore, WriteBatch
 
 log = logging.getLogger("syncer.worker")
 

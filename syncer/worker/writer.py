@@ -7,8 +7,8 @@ import asyncio
 from collections.abc import Iterable
 
 from syncer.observe import Events, Finished
+from syncer.targets.store import VectorStore, WriteBatch
 from syncer.worker.inflight import InFlight
-from syncer.write import VectorStore, WriteBatch
 
 MAX_WRITE_ROWS = 256
 

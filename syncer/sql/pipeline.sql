@@ -1,5 +1,6 @@
--- Per-pipeline SQL. Placeholders in braces are filled by syncer/schema.py with quoted
--- identifiers and literals (psycopg.sql), never with raw strings from the config.
+-- Per-pipeline SQL. Placeholders in braces are filled by syncer/schema/render.py with quoted
+-- identifiers and literals (psycopg.sql), never with raw strings from the config; each
+-- target fills its own ({target_join}, {stored_hash}) and has its statements in targets/.
 -- The text of a row is composed and hashed here, in one place: the capture triggers,
 -- the worker's reads, the hash guard on writes and the backfill all call these functions.
 
@@ -141,42 +142,6 @@ LEFT JOIN LATERAL (
     WHERE {key_eq_s_r}
     OFFSET 0
 ) f ON true;
-
--- vectors_write_column --
--- The hash guard: write only where the row's text still has the hash it was embedded
--- from, checked in this statement (the row lock re-checks it against a concurrent update).
-UPDATE {src} s SET {column} = d.v, {hash_column} = d.h
-FROM unnest($1::jsonb[], $2::{vector_type}[], $3::bytea[]) AS d(key, v, h)
-CROSS JOIN LATERAL jsonb_to_record(d.key) AS r({key_defs})
-WHERE {key_eq_s_r}
-  AND {hash_fn}(s) IS NOT DISTINCT FROM d.h
-  AND s.{hash_column} IS DISTINCT FROM d.h;
-
--- vectors_write_table --
--- FOR SHARE makes a concurrent text update wait for this write (or this write see the
--- update and skip), so an older vector can never land after a newer one.
-WITH incoming AS (
-    SELECT r.*, d.v, d.h
-    FROM unnest($1::jsonb[], $2::{vector_type}[], $3::bytea[]) AS d(key, v, h)
-    CROSS JOIN LATERAL jsonb_to_record(d.key) AS r({key_defs})
-), current_rows AS (
-    SELECT {key_cols_i}, i.v, i.h
-    FROM incoming i JOIN {src} s ON {key_eq_s_i}
-    WHERE {hash_fn}(s) = i.h
-    FOR SHARE OF s
-)
-INSERT INTO {target_table} AS t ({key_cols}, {column}, content_hash)
-SELECT {key_cols}, v, h FROM current_rows
-ON CONFLICT ({key_cols}) DO UPDATE
-SET {column} = EXCLUDED.{column}, content_hash = EXCLUDED.content_hash, embedded_at = now()
-WHERE t.content_hash IS DISTINCT FROM EXCLUDED.content_hash;
-
--- vectors_delete_table --
--- Side-table rows whose source row is gone or has no text any more.
-DELETE FROM {target_table} t
-USING unnest($1::jsonb[]) AS k(key) CROSS JOIN LATERAL jsonb_to_record(k.key) AS r({key_defs})
-WHERE {key_eq_t_r}
-  AND NOT EXISTS (SELECT FROM {src} s WHERE {key_eq_s_t} AND {text_fn}(s) IS NOT NULL);
 
 -- backfill_page --
 -- One keyset page: enqueue the rows whose vector is missing or stale (all with $3).

@@ -1,5 +1,8 @@
 """Reads the current text and hash of source rows; writes vectors under the hash guard.
 
+The statements and what they mean are the pipeline's target's (column.py, table.py); this
+is the part every target shares: the batch, the transaction and its settings, the retries.
+
 One batch of results is one transaction: vectors, side-table deletes and the removal of
 the finished queue items commit together.
 """
@@ -9,13 +12,16 @@ from __future__ import annotations
 from collections import Counter
 from collections.abc import Sequence
 from dataclasses import dataclass, field
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import asyncpg
 from pgvector import HalfVector, Vector
 
 from syncer.queue import Queue
-from syncer.schema import PipelineSQL
+from syncer.targets.base import Target
+
+if TYPE_CHECKING:
+    from syncer.schema.render import PipelineSQL
 
 OWN_PREFIX = "syncer"  # the logical message that marks syncer's own writes (syncer.logical)
 
@@ -66,7 +72,7 @@ class VectorStore:
         self,
         pool: asyncpg.Pool,
         rendered: PipelineSQL,
-        target: str,
+        target: Target,
         vector_type: str,
         mark_own: bool = False,
     ) -> None:
@@ -74,13 +80,14 @@ class VectorStore:
         # A batch is a few hundred keys: probing the key index per key is always right. On a
         # table of some ten thousand rows the planner prefers a merge join instead, reading
         # the whole table and sorting the vectors on disk for every batch (twice the CPU).
-        # Logical mode, column target: mark the write so the slot reader skips it.
+        # Logical mode, a target that writes the watched table: mark the write so the slot
+        # reader skips it.
         self.begin = (
             "SET LOCAL synchronous_commit = off; SET LOCAL syncer.writing = 'on'; "
             "SET LOCAL enable_mergejoin = off; SET LOCAL enable_hashjoin = off"
         ) + (
             f"; SELECT pg_logical_emit_message(true, '{OWN_PREFIX}', '')"
-            if mark_own and target == "column"  # only a column target writes a watched table
+            if mark_own and target.writes_source
             else ""
         )
         self.vector_type = vector_type
@@ -92,11 +99,9 @@ class VectorStore:
         return [SourceRow(r[0], r[1], r[2], r[3], r[4]) for r in rows]
 
     def clear(self, batch: WriteBatch, row: SourceRow) -> None:
-        """The row is gone or has no text: its vector must go too."""
-        if self.target == "table":
-            batch.delete_keys.append(row.key)
-        elif row.present and row.stored_hash is not None:
-            batch.add_vector(row.key, None, None)
+        """The row is gone or has no text: its vector must go too (what that means is the
+        target's)."""
+        self.target.clear(batch, row)
 
     async def write(self, batch: WriteBatch) -> int:
         """Returns how many vectors were written (rows whose text changed meanwhile are not).
@@ -116,15 +121,9 @@ class VectorStore:
         async with self.pool.acquire() as conn, conn.transaction():
             # Losing this commit in a server crash only means the items run again.
             await conn.execute(self.begin)
-            written = 0
-            if batch.keys:
-                stmt = "vectors_write_column" if self.target == "column" else "vectors_write_table"
-                # asyncpg would read a list of arrays as a 2-d array: wrap each vector.
-                wrap = Vector if self.vector_type == "vector" else HalfVector
-                vectors = [None if v is None else wrap(v) for v in batch.vectors]
-                status = await conn.execute(self.sql[stmt], batch.keys, vectors, batch.hashes)
-                written = int(status.split()[-1])
-            if batch.delete_keys and self.target == "table":
-                await conn.execute(self.sql["vectors_delete_table"], batch.delete_keys)
+            # asyncpg would read a list of arrays as a 2-d array: wrap each vector.
+            wrap = Vector if self.vector_type == "vector" else HalfVector
+            vectors = [None if v is None else wrap(v) for v in batch.vectors]
+            written = await self.target.write(conn, self.sql, batch, vectors)
             await Queue.complete(conn, batch.done_ids)
         return written
