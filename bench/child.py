@@ -24,7 +24,7 @@ import uvloop
 
 from syncer import app, config
 from syncer.capture import start_capture_side
-from syncer.db import create_pool
+from syncer.db import Database, create_pool
 from syncer.observe import setup_logging
 
 LOOPS: dict[str, Callable[[Coroutine[Any, Any, app.RunResult]], app.RunResult]] = {
@@ -57,7 +57,7 @@ async def capture_only(cfg: config.Config) -> None:
     try:
         async with pool.acquire() as conn:
             rendered = {p.name: await app.checked_pipeline(conn, p) for p in cfg.pipelines}  # type: ignore[arg-type]
-        side = start_capture_side(cfg, pool, wakeups, stop, rendered)
+        side = start_capture_side(cfg, Database(pool), wakeups, stop, rendered)
         await asyncio.gather(side.listener, side.feeder)
     finally:
         await pool.close()

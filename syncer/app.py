@@ -16,7 +16,7 @@ from syncer import config as config_mod
 from syncer.backfill import backfill as enqueue_backfill
 from syncer.capture import source_for
 from syncer.config import Config, PipelineConfig
-from syncer.db import connect, create_pool, ensure_vector_extension
+from syncer.db import Database, connect, ensure_vector_extension, wait_for_pool
 from syncer.errors import EXIT_PROVIDER, SchemaError
 from syncer.observe import Events
 from syncer.providers import Embedder, make_embedder
@@ -156,16 +156,18 @@ async def run(
 ) -> RunResult:
     stop = stop or asyncio.Event()
     result = RunResult(events or Events())
-    # Start-up objects live as long as the process: keep them out of every collection.
-    gc.freeze()
-    pool = await create_pool(cfg.database)
     loop = asyncio.get_running_loop()
     for sig in (signal.SIGTERM, signal.SIGINT):
         loop.add_signal_handler(sig, stop.set)
+    pool: asyncpg.Pool | None = None
     try:
-        async with pool.acquire() as conn:
-            rendered = {p.name: await checked_pipeline(conn, p) for p in cfg.pipelines}  # type: ignore[arg-type]
-            await source_for(cfg).check_run(conn)  # type: ignore[arg-type]
+        # A database that is down at start is waited for (logged), not a reason to exit.
+        pool = await wait_for_pool(cfg.database, stop)
+        if pool is None:
+            return result
+        rendered = await Database(pool).call(_checked_all, cfg, pool)
+        # Start-up objects live as long as the process: keep them out of every collection.
+        gc.freeze()
         worker = Worker(cfg, pool, embedders, rendered, result.events)
         await worker.run(stop, exit_when_idle)
     except ProviderPaused as err:
@@ -176,8 +178,16 @@ async def run(
             loop.remove_signal_handler(sig)
         for e in embedders.values():
             await e.close()
-        await pool.close()
+        if pool is not None:
+            await pool.close()
     return result
+
+
+async def _checked_all(cfg: Config, pool: asyncpg.Pool) -> dict[str, PipelineSQL]:
+    async with pool.acquire() as conn:
+        rendered = {p.name: await checked_pipeline(conn, p) for p in cfg.pipelines}  # type: ignore[arg-type]
+        await source_for(cfg).check_run(conn)  # type: ignore[arg-type]
+    return rendered
 
 
 @dataclass

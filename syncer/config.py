@@ -43,6 +43,10 @@ class DatabaseConfig(_Model):
     max_size: int = Field(default=6, ge=2, le=200)
     max_queries: int = Field(default=50_000, ge=1)
     max_inactive_connection_lifetime_s: float = Field(default=300.0, ge=0)
+    # For the worker's own statements, so that a held lock or a stuck server never hangs a
+    # worker for good: the statement is cancelled, and run again later.
+    statement_timeout_s: float = Field(default=60.0, gt=0)
+    lock_timeout_s: float = Field(default=10.0, gt=0)
 
     @model_validator(mode="after")
     def _sizes(self) -> DatabaseConfig:

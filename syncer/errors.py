@@ -23,6 +23,10 @@ class DatabaseError(SyncerError):
     """The database cannot be reached or lacks what syncer needs."""
 
 
+class DatabaseUnavailable(DatabaseError):
+    """The database is not there now (down, restarting, unreachable): worth waiting for."""
+
+
 class SchemaError(SyncerError):
     """The database does not match the configuration; the message says what and where."""
 

@@ -191,3 +191,9 @@ def setup_logging(level: str = "info", json_logs: bool = True) -> None:
     root.handlers[:] = [handler]
     root.setLevel(level.upper())
     root.propagate = False
+    # asyncpg's pool warns, with a traceback, each time it fails to reopen a connection
+    # while the database is away; syncer says so once per outage (syncer.db) instead.
+    lib = logging.getLogger("asyncpg")
+    lib.handlers[:] = [handler]
+    lib.setLevel(logging.DEBUG if level.lower() == "debug" else logging.ERROR)
+    lib.propagate = False

@@ -7,11 +7,10 @@ from __future__ import annotations
 import asyncio
 from collections.abc import Callable, Mapping
 
-import asyncpg
-
 from syncer.capture.base import CaptureSide, CaptureSource, always_caught_up
 from syncer.capture.trigger import TriggerCapture
 from syncer.config import Config
+from syncer.db import Database
 from syncer.schema.render import PipelineSQL
 
 __all__ = ["CaptureSide", "CaptureSource", "always_caught_up", "source_for", "start_capture_side"]
@@ -36,10 +35,10 @@ def source_for(cfg: Config) -> CaptureSource:
 
 def start_capture_side(
     cfg: Config,
-    pool: asyncpg.Pool,
+    db: Database,
     wakeups: Mapping[str, asyncio.Event],
     stop: asyncio.Event,
     rendered: Mapping[str, PipelineSQL],
 ) -> CaptureSide:
     """Start the process's capture side: its LISTEN connection and its feeder."""
-    return source_for(cfg).start(pool, wakeups, stop, rendered)
+    return source_for(cfg).start(db, wakeups, stop, rendered)

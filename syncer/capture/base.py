@@ -12,6 +12,7 @@ import asyncpg
 from psycopg import sql
 
 from syncer.config import PipelineConfig
+from syncer.db import Database
 from syncer.schema.render import PipelineSQL
 
 
@@ -62,7 +63,7 @@ class CaptureSource(Protocol):
 
     def start(
         self,
-        pool: asyncpg.Pool,
+        db: Database,
         wakeups: Mapping[str, asyncio.Event],
         stop: asyncio.Event,
         rendered: Mapping[str, PipelineSQL],

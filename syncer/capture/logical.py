@@ -37,6 +37,7 @@ from syncer.capture.notify import start_listener, worker_handlers
 from syncer.capture.pgoutput import Decoder
 from syncer.capture.trigger import drop_triggers, move_inbox
 from syncer.config import CaptureConfig, Config, PipelineConfig
+from syncer.db import Database
 from syncer.errors import SchemaError, SlotError
 from syncer.schema.catalog import key_columns
 from syncer.schema.render import PipelineSQL
@@ -303,13 +304,13 @@ class LogicalCapture:
 
     def start(
         self,
-        pool: asyncpg.Pool,
+        db: Database,
         wakeups: Mapping[str, asyncio.Event],
         stop: asyncio.Event,
         rendered: Mapping[str, PipelineSQL],
     ) -> CaptureSide:
         listen_task = start_listener(self.cfg.database.url, worker_handlers(wakeups), stop)
-        reader = SlotReader(self.cfg, pool, rendered, wakeups)
+        reader = SlotReader(self.cfg, db.pool, rendered, wakeups)
         return CaptureSide(
             listen_task, asyncio.create_task(reader.run(stop), name="slot-reader"), reader.caught_up
         )

@@ -14,7 +14,10 @@ dataclass here, its channel in `_KINDS`, and a field of Handlers.
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import logging
+import random
+import time
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass
 from typing import Any, assert_never
@@ -22,7 +25,7 @@ from typing import Any, assert_never
 import asyncpg
 
 from syncer.aio import wait_first
-from syncer.db import connect_kwargs
+from syncer.db import LOST, PROBE_MAX_S, PROBE_MIN_S, connect_kwargs
 
 log = logging.getLogger("syncer.capture")
 CHANNEL = "syncer"  # payload: a pipeline whose queue has new items
@@ -112,17 +115,26 @@ class Listener:
             self.handlers.dispatch(msg)
 
     async def run(self, stop: asyncio.Event) -> None:
-        delay_s = 0.5
+        delay_s = PROBE_MIN_S
+        lost_at: float | None = None
         while not stop.is_set():
             lost = asyncio.Event()
             try:
                 conn = await asyncpg.connect(self.dsn, **self.connect_kwargs)
-            except (OSError, asyncpg.PostgresError) as err:
-                log.warning("listener cannot connect, retrying", extra={"error": str(err)})
-                await wait_first(stop, timeout_s=delay_s)
-                delay_s = min(delay_s * 2, 30.0)
+            except (*LOST, asyncpg.PostgresError) as err:
+                if lost_at is None:  # one line an outage, not one a try
+                    lost_at = time.monotonic()
+                    log.warning("listener cannot connect, retrying", extra={"error": str(err)})
+                await wait_first(stop, timeout_s=delay_s * random.uniform(0.5, 1.0))
+                delay_s = min(delay_s * 2, PROBE_MAX_S)
                 continue
-            delay_s = 0.5
+            delay_s = PROBE_MIN_S
+            if lost_at is not None:
+                log.info(
+                    "listener connected again",
+                    extra={"down_s": round(time.monotonic() - lost_at, 3)},
+                )
+                lost_at = None
             try:
                 conn.add_termination_listener(lambda _c, lost=lost: lost.set())
                 for channel in CHANNELS:
@@ -130,9 +142,12 @@ class Listener:
                 # Notifications sent while we were not listening are lost: look once now.
                 self.handlers.connected()
                 await wait_first(stop, lost)
+            except LOST:
+                pass  # the server went away meanwhile: connect again
             finally:
                 if not conn.is_closed():
-                    await conn.close(timeout=5)
+                    with contextlib.suppress(*LOST):
+                        await conn.close(timeout=5)
 
 
 def start_listener(dsn: str, handlers: Handlers, stop: asyncio.Event) -> asyncio.Task[None]:

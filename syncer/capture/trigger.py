@@ -21,6 +21,7 @@ import contextlib
 import logging
 import time
 from collections.abc import Mapping
+from typing import Any
 
 import asyncpg
 
@@ -29,6 +30,7 @@ from syncer.aio import wait_first
 from syncer.capture.base import CaptureSide, always_caught_up, ident
 from syncer.capture.notify import start_listener, worker_handlers
 from syncer.config import Config, PipelineConfig
+from syncer.db import Database
 from syncer.schema.catalog import is_partitioned
 from syncer.schema.render import PipelineSQL
 from syncer.sqlfiles import query
@@ -56,12 +58,13 @@ class InboxMover:
 
     def __init__(
         self,
-        pool: asyncpg.Pool,
+        db: Database,
         wakeups: Mapping[str, asyncio.Event],
         kick: asyncio.Event,
         poll_s: float,
     ) -> None:
-        self.pool = pool
+        self.db = db
+        self.pool = db.pool
         self.wakeups = wakeups
         self.kick = kick
         self.poll_s = poll_s
@@ -69,7 +72,7 @@ class InboxMover:
         self.may_vacuum = False
 
     async def run(self, stop: asyncio.Event) -> None:
-        self.may_vacuum = bool(await self.pool.fetchval(query("inbox_may_vacuum")))
+        self.may_vacuum = bool(await self._fetchval(query("inbox_may_vacuum")))
         if not self.may_vacuum:
             log.warning(
                 "this role cannot VACUUM syncer.inbox: its dead rows wait for autovacuum, "
@@ -85,7 +88,7 @@ class InboxMover:
             if stop.is_set():
                 break
             await self._set_awake(0)
-            snapshot = await self.pool.fetchval(query("snapshot_now"))
+            snapshot = await self._fetchval(query("snapshot_now"))
             if not await self._wait_passed(stop, snapshot):
                 continue  # kicked (or stopping) meanwhile: awake again
             self.kick.clear()
@@ -115,24 +118,27 @@ class InboxMover:
         """Wait until every transaction in progress at `snapshot` has ended; False if a
         NOTIFY or a stop came first."""
         delay_s = 0.001
-        while not await self.pool.fetchval(query("snapshot_passed"), snapshot):
+        while not await self._fetchval(query("snapshot_passed"), snapshot):
             await wait_first(stop, self.kick, timeout_s=delay_s)
             if stop.is_set() or self.kick.is_set():
                 return False
             delay_s = min(delay_s * 2, PASSED_POLL_MAX_S)
         return True
 
+    async def _fetchval(self, sql: str, *args: object) -> Any:
+        return await self.db.call(self.pool.fetchval, sql, *args)
+
     async def _set_awake(self, seconds: float) -> None:
-        await self.pool.execute(query("awake_set"), seconds)
+        await self.db.call(self.pool.execute, query("awake_set"), seconds)
 
     async def move_all(self) -> int:
         """Move everything the inbox holds now; returns how many items were queued."""
-        taken, queued = await move_inbox(self.pool, self.wakeups)
+        taken, queued = await self.db.call(move_inbox, self.pool, self.wakeups)
         self.moved_since_vacuum += taken
         if self.may_vacuum and self.moved_since_vacuum >= VACUUM_ROWS:
             self.moved_since_vacuum = 0
             # SKIP_LOCKED: never wait behind another worker's VACUUM of it.
-            await self.pool.execute("VACUUM (SKIP_LOCKED) syncer.inbox")
+            await self.db.call(self.pool.execute, "VACUUM (SKIP_LOCKED) syncer.inbox")
         return queued
 
 
@@ -196,7 +202,7 @@ class TriggerCapture:
 
     def start(
         self,
-        pool: asyncpg.Pool,
+        db: Database,
         wakeups: Mapping[str, asyncio.Event],
         stop: asyncio.Event,
         rendered: Mapping[str, PipelineSQL],
@@ -204,7 +210,7 @@ class TriggerCapture:
         """A capture NOTIFY wakes the mover through a shared event."""
         kick = asyncio.Event()
         listen_task = start_listener(self.cfg.database.url, worker_handlers(wakeups, kick), stop)
-        mover = InboxMover(pool, wakeups, kick, self.cfg.worker.poll_interval_s)
+        mover = InboxMover(db, wakeups, kick, self.cfg.worker.poll_interval_s)
         return CaptureSide(
             listen_task, asyncio.create_task(mover.run(stop), name="inbox-mover"), always_caught_up
         )

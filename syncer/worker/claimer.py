@@ -10,6 +10,7 @@ from collections.abc import Awaitable, Callable
 from syncer.aio import wait_first
 from syncer.capture import always_caught_up
 from syncer.config import WorkerConfig
+from syncer.db import Database
 from syncer.observe import Claimed, Events
 from syncer.providers import Embedder
 from syncer.queue import Queue
@@ -28,6 +29,7 @@ class Claimer:
         wcfg: WorkerConfig,
         window: tuple[int, int],  # (items in flight at most, items per claim while busy)
         queue: Queue,
+        db: Database,
         embedder: Embedder,
         in_flight: InFlight,
         dispatcher: Dispatcher,
@@ -38,6 +40,7 @@ class Claimer:
         self.poll_interval_s = wcfg.poll_interval_s
         self.capacity, self.claim_min = window
         self.queue = queue
+        self.db = db
         self.embedder = embedder
         self.in_flight = in_flight
         self.dispatcher = dispatcher
@@ -62,7 +65,7 @@ class Claimer:
                 await wait_first(stop, freed)
                 continue
             self.wakeup.clear()
-            items = await self.queue.claim(self.pipeline, free)
+            items = await self.db.call(self.queue.claim, self.pipeline, free)
             if items:
                 self.events.emit(Claimed(self.pipeline, len(items)))
                 self.in_flight.add(items)
@@ -80,12 +83,14 @@ class Claimer:
 
     async def _idle(self) -> bool:
         # Capture first: what it has caught up with is queued by then, so the count sees it.
-        return await self.capture_caught_up() and await self.queue.pending([self.pipeline]) == 0
+        if not await self.capture_caught_up():
+            return False
+        return await self.db.call(self.queue.pending, [self.pipeline]) == 0
 
     async def _poll_s(self, exit_when_idle: bool) -> float:
         poll_s = self.poll_interval_s * random.uniform(0.8, 1.2)
         if exit_when_idle and not len(self.in_flight):
-            nxt = await self.queue.next_ready_s([self.pipeline])
+            nxt = await self.db.call(self.queue.next_ready_s, [self.pipeline])
             if nxt is not None:
                 poll_s = min(poll_s, max(0.01, nxt))
         return poll_s

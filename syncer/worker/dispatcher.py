@@ -7,6 +7,7 @@ import asyncio
 import logging
 
 from syncer.config import PipelineConfig, ProviderConfig
+from syncer.db import Database
 from syncer.errors import InputTooLongError, SyncerError
 from syncer.providers.tokens import estimate_tokens, pack_requests, truncate_to_tokens
 from syncer.queue import Item
@@ -25,6 +26,7 @@ class Dispatcher:
         provider: ProviderConfig,
         request_inputs: int,
         store: VectorStore,
+        db: Database,
         in_flight: InFlight,
         failures: FailureRouter,
         embed_q: asyncio.Queue[EmbedJob],
@@ -35,6 +37,7 @@ class Dispatcher:
         self.max_tokens_per_request = provider.max_tokens_per_request
         self.request_inputs = request_inputs
         self.store = store
+        self.db = db
         self.in_flight = in_flight
         self.failures = failures
         self.embed_q = embed_q
@@ -44,7 +47,8 @@ class Dispatcher:
         ids_by_key: dict[str, list[int]] = {}
         for item in items:
             ids_by_key.setdefault(item.key, []).append(item.id)
-        rows = await self.store.fetch(list(ids_by_key))
+        keys = list(ids_by_key)
+        rows = await self.db.call(self.store.fetch, keys)
         now = WriteBatch()
         todo: list[SourceRow] = []
         for row in rows:

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 from collections.abc import Sequence
 
+from syncer.db import Database
 from syncer.errors import SyncerError
 from syncer.observe import Events, Failed
 from syncer.queue import Failure, Queue
@@ -13,10 +14,17 @@ from syncer.worker.inflight import InFlight
 
 class FailureRouter:
     def __init__(
-        self, pipeline: str, queue: Queue, policy: RetryPolicy, in_flight: InFlight, events: Events
+        self,
+        pipeline: str,
+        queue: Queue,
+        db: Database,
+        policy: RetryPolicy,
+        in_flight: InFlight,
+        events: Events,
     ) -> None:
         self.pipeline = pipeline
         self.queue = queue
+        self.db = db
         self.policy = policy
         self.in_flight = in_flight
         self.events = events
@@ -35,8 +43,8 @@ class FailureRouter:
                 d = decided[(id(err), attempts)] = self.policy.decide(err, attempts)
             f = Failure(item_id, err.error_class, str(err), d.delay_s, d.counts)
             (final if d.dead_letter else later).append(f)
-        await self.queue.dead_letter(final)
-        await self.queue.retry(later)
+        await self.db.call(self.queue.dead_letter, final)
+        await self.db.call(self.queue.retry, later)
         for outcome, group in (("dead_lettered", final), ("retried", later)):
             if group:
                 self.events.emit(Failed(self.pipeline, outcome, len(group), group[0].error))

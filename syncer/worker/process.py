@@ -13,6 +13,7 @@ import asyncpg
 
 from syncer.capture import source_for, start_capture_side
 from syncer.config import Config
+from syncer.db import Database
 from syncer.observe import Events
 from syncer.providers import Embedder
 from syncer.queue import Queue
@@ -39,6 +40,8 @@ class Worker:
         self.events = events
         self.worker_id = f"{socket.gethostname()}:{os.getpid()}:{uuid.uuid4().hex[:8]}"
         self.queue = Queue(pool, self.worker_id, cfg.worker.lease_s)
+        # Every stage waits here while the database is away, instead of failing.
+        self.db = Database(pool)
         self.wakeups = {p.name: asyncio.Event() for p in cfg.pipelines}
         self.rendered = rendered
         # Logical mode: vector writes to a watched table would come back through the slot.
@@ -48,6 +51,7 @@ class Worker:
                 p,
                 cfg.worker,
                 self.queue,
+                self.db,
                 store_for(pool, p, rendered[p.name], mark_own),
                 embedders[p.provider],
                 p.provider,
@@ -59,7 +63,7 @@ class Worker:
         ]
 
     async def run(self, stop: asyncio.Event, exit_when_idle: bool = False) -> None:
-        side = start_capture_side(self.cfg, self.pool, self.wakeups, stop, self.rendered)
+        side = start_capture_side(self.cfg, self.db, self.wakeups, stop, self.rendered)
         listener, feeder = side.listener, side.feeder
         for r in self.runners:
             r.claimer.capture_caught_up = side.caught_up

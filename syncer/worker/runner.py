@@ -14,6 +14,7 @@ import logging
 from typing import Any
 
 from syncer.config import PipelineConfig, ProviderConfig, WorkerConfig
+from syncer.db import Database
 from syncer.observe import Events, InFlightChanged
 from syncer.providers import Embedder
 from syncer.queue import Queue
@@ -30,6 +31,7 @@ from syncer.worker.writer import Writer
 log = logging.getLogger("syncer.worker")
 
 WRITERS = 2  # one transaction commits while the next batch is being sent
+RELEASE_TIMEOUT_S = 5.0  # at stop, with the database away: leave the items to their lease
 STOP_CLAIMER_S = 0.5  # a claim in flight finishes (never strand one); a blocked put does not
 
 
@@ -48,6 +50,7 @@ class PipelineRunner:
         p: PipelineConfig,
         wcfg: WorkerConfig,
         queue: Queue,
+        db: Database,
         store: VectorStore,
         embedder: Embedder,
         provider_name: str,
@@ -58,21 +61,23 @@ class PipelineRunner:
         self.p = p
         self.wcfg = wcfg
         self.queue = queue
+        self.db = db
         self.n_embedders = provider.max_concurrency
         request_inputs, capacity, claim_min = window(p, provider, wcfg)
         self.in_flight = InFlight(lambda n: events.emit(InFlightChanged(p.name, n)))
         self.embed_q: asyncio.Queue[EmbedJob] = asyncio.Queue(maxsize=self.n_embedders * 2)
         write_q: asyncio.Queue[WriteBatch] = asyncio.Queue(maxsize=self.n_embedders * 4)
         policy = RetryPolicy(wcfg, provider.breaker_reset_s)
-        failures = FailureRouter(p.name, queue, policy, self.in_flight, events)
+        failures = FailureRouter(p.name, queue, db, policy, self.in_flight, events)
         dispatcher = Dispatcher(
-            p, provider, request_inputs, store, self.in_flight, failures, self.embed_q, write_q
+            p, provider, request_inputs, store, db, self.in_flight, failures, self.embed_q, write_q
         )
         self.claimer = Claimer(
             p.name,
             wcfg,
             (capacity, claim_min),
             queue,
+            db,
             embedder,
             self.in_flight,
             dispatcher,
@@ -91,7 +96,7 @@ class PipelineRunner:
             self.embed_q,
             write_q,
         )
-        self.writer = Writer(p.name, store, self.in_flight, events, write_q)
+        self.writer = Writer(p.name, store, db, self.in_flight, events, write_q)
 
     async def run(self, stop: asyncio.Event, exit_when_idle: bool) -> None:
         """Run until stop is set (or, with exit_when_idle, until nothing is left)."""
@@ -120,8 +125,10 @@ class PipelineRunner:
             if len(self.in_flight):
                 # Hard stop: hand unfinished items back now instead of at lease end.
                 left = self.in_flight.ids()
-                await self.queue.release(left)
-                log.warning("released unfinished items", extra={"pipeline": name, "n": len(left)})
+                if await self._release(left):
+                    log.warning(
+                        "released unfinished items", extra={"pipeline": name, "n": len(left)}
+                    )
 
     async def _cancel_claimer_on_stop(
         self, claimer: asyncio.Task[None], stop: asyncio.Event
@@ -141,16 +148,32 @@ class PipelineRunner:
         while not self.embed_q.empty():
             unsent += self.embed_q.get_nowait().all_ids()
         if unsent:
-            await self.queue.release(unsent)
+            await self._release(unsent)
             self.in_flight.finish(unsent)
         with contextlib.suppress(TimeoutError):
             async with asyncio.timeout(self.wcfg.shutdown_timeout_s):
                 await self.in_flight.drained()
 
+    async def _release(self, ids: list[int]) -> bool:
+        """Hand items back at once, for another replica; if the database is away, they come
+        back when their lease ends."""
+        try:
+            async with asyncio.timeout(RELEASE_TIMEOUT_S):
+                await self.db.call(self.queue.release, ids)
+        except TimeoutError:
+            log.warning(
+                "could not release unfinished items (database unavailable): they return to "
+                "the queue when their lease ends",
+                extra={"pipeline": self.p.name, "n": len(ids)},
+            )
+            return False
+        return True
+
     async def _heartbeat(self) -> None:
         while True:
             await asyncio.sleep(self.wcfg.lease_s / 3)
-            await self.queue.extend(self.in_flight.ids())
+            ids = self.in_flight.ids()
+            await self.db.call(self.queue.extend, ids)
 
 
 async def supervise(main: asyncio.Future[Any], helpers: list[asyncio.Task[None]]) -> None:

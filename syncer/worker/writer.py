@@ -6,6 +6,7 @@ from __future__ import annotations
 import asyncio
 from collections.abc import Iterable
 
+from syncer.db import Database
 from syncer.observe import Events, Finished
 from syncer.targets.store import VectorStore, WriteBatch
 from syncer.worker.inflight import InFlight
@@ -18,12 +19,14 @@ class Writer:
         self,
         pipeline: str,
         store: VectorStore,
+        db: Database,
         in_flight: InFlight,
         events: Events,
         write_q: asyncio.Queue[WriteBatch],
     ) -> None:
         self.pipeline = pipeline
         self.store = store
+        self.db = db
         self.in_flight = in_flight
         self.events = events
         self.write_q = write_q
@@ -33,7 +36,7 @@ class Writer:
             batch = await self.write_q.get()
             while not self.write_q.empty() and len(batch) < MAX_WRITE_ROWS:
                 batch.extend(self.write_q.get_nowait())
-            written = await self.store.write(batch)
+            written = await self.db.call(self.store.write, batch)
             # Vectors the hash guard refused: the text changed and a newer item follows.
             batch.outcomes["stale"] += max(0, len(batch.keys) - written)
             self._finished(batch.outcomes.items())
@@ -43,7 +46,7 @@ class Writer:
                 self.in_flight.forget(text, ids)
                 late += ids
             if late:  # items that joined while their vector was being written: it is now
-                await self.store.write(WriteBatch(done_ids=late))
+                await self.db.call(self.store.write, WriteBatch(done_ids=late))
                 self._finished([("unchanged", len(late))])
                 self.in_flight.finish(late)
 
