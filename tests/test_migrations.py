@@ -12,6 +12,7 @@ import pytest
 
 from syncer import config as config_mod
 from syncer import db as db_mod
+from syncer.capture import source_for
 from syncer.schema.install import install_pipeline
 from syncer.schema.migrations import SCHEMA_VERSION, migrate, migrations
 
@@ -49,7 +50,7 @@ async def install_old(url: str, config: Path, version: int) -> None:
     try:
         assert await migrate(conn, upto=version) == list(range(1, version + 1))
         for p in cfg.pipelines:
-            await install_pipeline(conn, p)
+            await install_pipeline(conn, p, source_for(cfg).install_pipeline)
         if version == 1:
             await conn.execute(V1_UPDATE_TRIGGER)
     finally:
