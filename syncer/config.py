@@ -111,6 +111,9 @@ class WorkerConfig(_Model):
     retry_max_s: float = Field(default=300.0, gt=0)
     shutdown_timeout_s: float = Field(default=30.0, gt=0)
     in_flight_batches: int = Field(default=4, ge=1, le=64)
+    # The share of each claim kept for bulk work (backfill, replay) while live edits keep
+    # coming: live edits go first, but never stop a backfill.
+    bulk_share: float = Field(default=0.25, ge=0, le=1)
 
 
 class CaptureConfig(_Model):

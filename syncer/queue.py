@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import random
 from collections.abc import Sequence
 from dataclasses import dataclass
 
@@ -9,12 +10,15 @@ import asyncpg
 
 from syncer.sqlfiles import query
 
+LIVE, BULK = 0, 1  # the lanes: what capture saw; backfill, replay and model switches
+
 
 @dataclass(frozen=True)
 class Item:
     id: int
     key: str  # the key as canonical jsonb text; opaque to Python
     attempts: int  # counted at claim time
+    lane: int = LIVE
 
 
 @dataclass(frozen=True)
@@ -34,11 +38,15 @@ class Queue:
         self.worker_id = worker_id
         self.lease_s = lease_s
 
-    async def claim(self, pipeline: str, limit: int) -> list[Item]:
+    async def claim(self, pipeline: str, limit: int, bulk_share: float = 0.0) -> list[Item]:
+        """Up to `limit` ready items, live first; `bulk_share` of them kept for the bulk
+        lane while it has work (rounded at random, so that small claims keep it too)."""
+        share = limit * bulk_share
+        reserve = int(share) + (random.random() < share - int(share))
         rows = await self.pool.fetch(
-            query("queue_claim"), pipeline, limit, self.lease_s, self.worker_id
+            query("queue_claim"), pipeline, limit, self.lease_s, self.worker_id, reserve
         )
-        return sorted((Item(r[0], r[1], r[2]) for r in rows), key=lambda i: i.id)
+        return sorted((Item(r[0], r[1], r[2], r[3]) for r in rows), key=lambda i: i.id)
 
     @staticmethod
     async def complete(

@@ -2,8 +2,10 @@
 
 from __future__ import annotations
 
+import asyncio
 from typing import Any
 
+import asyncpg
 import psycopg
 
 from syncer.testing.fake_embedder import FakeEmbedderProcess
@@ -41,9 +43,11 @@ def test_backfill_queues_only_missing_or_stale_rows(
     db.execute("UPDATE docs SET embedding_hash = NULL WHERE id <= 5")
     r = syncer(config, "backfill")
     assert "5 rows queued" in r.stdout
-    # --all queues every row, e.g. to re-embed after a provider-side model update.
+    # --all queues every row, e.g. to re-embed after a provider-side model update; the 5
+    # already waiting are not queued twice.
     r = syncer(config, "backfill", "--all")
-    assert "12001 rows queued" in r.stdout
+    assert "11996 rows queued" in r.stdout
+    assert queued(db) == 12001
     fake.reset()
     assert syncer(config, "run", "--exit-when-idle").returncode == 0
     # Rows whose stored hash already matches are not sent again, even when queued.
@@ -66,3 +70,38 @@ def test_backfill_on_composite_keys_pages_correctly(
     assert keys == 12000
     assert syncer(config, "run", "--exit-when-idle").returncode == 0
     assert len(set(fake.inputs())) == 12000
+
+
+def test_install_then_backfill_queues_each_key_once(
+    db: psycopg.Connection[Any], db_url: str, make_config: Any, fake: FakeEmbedderProcess
+) -> None:
+    """At most one waiting item per key and lane: install's backfill, a backfill, a second
+    backfill and a live edit of a waiting row leave one bulk item per key, and one live."""
+    create_docs(db)
+    db.execute("INSERT INTO docs SELECT g, 'title ' || g, NULL FROM generate_series(1, 500) g")
+    config = make_config()
+    assert syncer(config, "install").returncode == 0
+    for _ in range(2):
+        r = syncer(config, "backfill", "--all")
+        assert r.returncode == 0 and "0 rows queued" in r.stdout, r.stdout + r.stderr
+    db.execute("UPDATE docs SET body = 'edited' WHERE id <= 10")
+    db.execute("UPDATE docs SET body = 'edited again' WHERE id <= 10")
+    # The inbox is moved by a worker; one pass of it, then the counts.
+    from syncer.capture.trigger import move_inbox
+
+    asyncio.run(_move(db_url, move_inbox))
+    lanes = db.execute(
+        "SELECT lane, count(*), count(DISTINCT key) FROM syncer.queue GROUP BY lane ORDER BY 1"
+    ).fetchall()
+    assert lanes == [(0, 10, 10), (1, 500, 500)]
+    assert syncer(config, "run", "--exit-when-idle").returncode == 0
+    assert assert_synced(db) == 500
+    assert len(fake.inputs()) == len(set(fake.inputs())) == 500  # each text paid once
+
+
+async def _move(url: str, move_inbox: Any) -> None:
+    conn = await asyncpg.connect(url)
+    try:
+        await move_inbox(conn)
+    finally:
+        await conn.close()

@@ -13,6 +13,7 @@ import numpy as np
 import psycopg
 
 from syncer.capture.trigger import InboxMover
+from syncer.db import Database
 from syncer.sqlfiles import query
 from syncer.testing.fake_embedder import FakeEmbedderProcess, fake_vector
 from tests.conftest import start_syncer, syncer, wait_for
@@ -188,7 +189,7 @@ async def test_the_mover_keeps_the_inbox_from_filling_with_dead_rows(
     db.execute("ALTER TABLE syncer.inbox SET (autovacuum_enabled = off)")  # no help from it
     pool = await asyncpg.create_pool(db_url, min_size=1, max_size=2)
     try:
-        mover = InboxMover(pool, {}, asyncio.Event(), poll_s=1.0)
+        mover = InboxMover(Database(pool), {}, asyncio.Event(), poll_s=1.0)
         mover.may_vacuum = bool(await pool.fetchval(query("inbox_may_vacuum")))
         assert mover.may_vacuum  # the test's role owns the inbox
         rows, per_move = 60_000, 500  # ~430 pages of inbox rows in all
@@ -221,7 +222,7 @@ async def test_a_role_that_cannot_vacuum_the_inbox_is_told_and_still_moves(
     pool = await asyncpg.create_pool(db_url, min_size=1, max_size=2, user=role)
     stop = asyncio.Event()
     try:
-        mover = InboxMover(pool, {}, asyncio.Event(), poll_s=0.05)
+        mover = InboxMover(Database(pool), {}, asyncio.Event(), poll_s=0.05)
         task = asyncio.create_task(mover.run(stop))
         deadline = time.monotonic() + 10
         while db.execute("SELECT count(*) FROM syncer.queue").fetchone() != (1,):

@@ -6,6 +6,7 @@ from typing import Any
 
 import psycopg
 
+from syncer.schema.migrations import SCHEMA_VERSION
 from syncer.testing.fake_embedder import FakeEmbedderProcess
 from tests.conftest import DEFAULT_PIPELINE, syncer
 from tests.test_pipeline import create_docs, install_and_drain
@@ -44,7 +45,9 @@ def test_install_twice_changes_nothing(
     assert r.returncode == 0, r.stderr
     assert snapshot(db) == first
     assert db.execute("SELECT count(*) FROM syncer.queue").fetchone() == (0,)
-    assert db.execute("SELECT max(version) FROM syncer.schema_version").fetchone() == (2,)
+    assert db.execute("SELECT max(version) FROM syncer.schema_version").fetchone() == (
+        SCHEMA_VERSION,
+    )
 
 
 def test_writes_by_another_role_are_captured(

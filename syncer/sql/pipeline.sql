@@ -124,9 +124,10 @@ FOR EACH STATEMENT EXECUTE FUNCTION {capture_delete_fn}();
 -- logical_enqueue --
 -- Logical mode: keys read from the slot, each column in its text form, typed and built
 -- exactly as the triggers build them (the same row is the same key in either mode).
-INSERT INTO syncer.queue (pipeline, key)
+INSERT INTO syncer.queue AS q (pipeline, key)
 SELECT DISTINCT {pipeline}, {key_json_r}
-FROM unnest($1::jsonb[]) AS k(key) CROSS JOIN LATERAL jsonb_to_record(k.key) AS r({key_defs});
+FROM unnest($1::jsonb[]) AS k(key) CROSS JOIN LATERAL jsonb_to_record(k.key) AS r({key_defs})
+ON CONFLICT (pipeline, key, lane) DO UPDATE SET dirty = true WHERE q.leased_by IS NOT NULL;
 
 -- rows_fetch --
 -- For each key: does the row exist, its current text and hash, and the stored hash.
@@ -144,7 +145,8 @@ LEFT JOIN LATERAL (
 ) f ON true;
 
 -- backfill_page --
--- One keyset page: enqueue the rows whose vector is missing or stale (all with $3).
+-- One keyset page: enqueue the rows whose vector is missing or stale (all with $3), in the
+-- bulk lane; a key already there is not queued twice.
 WITH page AS (
     SELECT {key_cols_s}, {stored_hash} IS DISTINCT FROM {hash_fn}(s) AS stale
     FROM {src} s {target_join}
@@ -152,8 +154,9 @@ WITH page AS (
     ORDER BY {key_cols_s}
     LIMIT $2
 ), enqueued AS (
-    INSERT INTO syncer.queue (pipeline, key)
-    SELECT {pipeline}, {key_json_p} FROM page p WHERE $3 OR p.stale
+    INSERT INTO syncer.queue (pipeline, key, lane)
+    SELECT {pipeline}, {key_json_p}, 1 FROM page p WHERE $3 OR p.stale
+    ON CONFLICT (pipeline, key, lane) DO NOTHING
     RETURNING 1
 )
 SELECT (SELECT count(*) FROM enqueued),

@@ -1,16 +1,40 @@
 -- Named queries on syncer's own tables. Blocks start with "-- name --".
 
 -- queue_claim --
--- Claim up to $2 ready items of pipeline $1 for worker $4, leased for $3 seconds.
--- The MATERIALIZED fence keeps the planner from locking more rows than the LIMIT.
-WITH claimable AS MATERIALIZED (
-    SELECT id FROM syncer.queue
-    WHERE pipeline = $1
-      AND not_before <= now()
-      AND (leased_until IS NULL OR leased_until < now())
+-- Claim ready items of pipeline $1 for worker $4, leased for $3 seconds: up to $2 in all,
+-- live first, but up to $5 of them bulk first (the bulk lane's guaranteed share), and what
+-- live leaves over bulk again. A key another worker holds a live lease on is skipped: its
+-- text is being embedded now, and a second claim would pay for it again.
+-- The MATERIALIZED fences keep the planner from locking more rows than each LIMIT.
+WITH bulk AS MATERIALIZED (
+    SELECT id FROM syncer.queue q
+    WHERE pipeline = $1 AND lane = 1
+      AND not_before <= now() AND (leased_until IS NULL OR leased_until < now())
+      AND NOT EXISTS (SELECT FROM syncer.queue o
+                      WHERE o.pipeline = q.pipeline AND o.key = q.key AND o.leased_until > now())
     ORDER BY id
-    LIMIT $2
+    LIMIT $5
     FOR UPDATE SKIP LOCKED
+), live AS MATERIALIZED (
+    SELECT id FROM syncer.queue q
+    WHERE pipeline = $1 AND lane = 0
+      AND not_before <= now() AND (leased_until IS NULL OR leased_until < now())
+      AND NOT EXISTS (SELECT FROM syncer.queue o
+                      WHERE o.pipeline = q.pipeline AND o.key = q.key AND o.leased_until > now())
+    ORDER BY id
+    LIMIT $2 - (SELECT count(*) FROM bulk)
+    FOR UPDATE SKIP LOCKED
+), more AS MATERIALIZED (
+    SELECT id FROM syncer.queue q
+    WHERE pipeline = $1 AND lane = 1 AND id > (SELECT coalesce(max(id), 0) FROM bulk)
+      AND not_before <= now() AND (leased_until IS NULL OR leased_until < now())
+      AND NOT EXISTS (SELECT FROM syncer.queue o
+                      WHERE o.pipeline = q.pipeline AND o.key = q.key AND o.leased_until > now())
+    ORDER BY id
+    LIMIT $2 - (SELECT count(*) FROM bulk) - (SELECT count(*) FROM live)
+    FOR UPDATE SKIP LOCKED
+), claimable AS (
+    SELECT id FROM bulk UNION ALL SELECT id FROM live UNION ALL SELECT id FROM more
 )
 UPDATE syncer.queue q
 SET leased_until = now() + make_interval(secs => $3),
@@ -18,7 +42,7 @@ SET leased_until = now() + make_interval(secs => $3),
     attempts = q.attempts + 1
 FROM claimable c
 WHERE q.id = c.id
-RETURNING q.id, q.key::text, q.attempts;
+RETURNING q.id, q.key::text, q.attempts, q.lane;
 
 -- inbox_move --
 -- Up to $1 captured keys from the inbox to the queue in one statement, duplicates folded
@@ -30,8 +54,9 @@ WITH moved AS (
     WHERE ctid = ANY (ARRAY(SELECT ctid FROM syncer.inbox LIMIT $1 FOR UPDATE SKIP LOCKED))
     RETURNING pipeline, key
 ), queued AS (
-    INSERT INTO syncer.queue (pipeline, key)
+    INSERT INTO syncer.queue AS q (pipeline, key)
     SELECT DISTINCT pipeline, key FROM moved
+    ON CONFLICT (pipeline, key, lane) DO UPDATE SET dirty = true WHERE q.leased_by IS NOT NULL
     RETURNING pipeline
 ), counted AS (
     SELECT pipeline, count(*)::int AS queued FROM queued GROUP BY pipeline
@@ -66,12 +91,20 @@ SELECT NOT EXISTS (
 );
 
 -- queue_complete --
-DELETE FROM syncer.queue WHERE id = ANY($1::bigint[]);
+-- Inside the write transaction. An item captured again while it was worked on (dirty) goes
+-- back to the queue, fresh: its worker may have read the text before that change.
+WITH done AS (
+    DELETE FROM syncer.queue WHERE id = ANY($1::bigint[]) AND NOT dirty
+)
+UPDATE syncer.queue
+SET dirty = false, leased_until = NULL, leased_by = NULL, attempts = 0,
+    not_before = '-infinity', first_failed_at = NULL, last_error = NULL
+WHERE id = ANY($1::bigint[]) AND dirty;
 
 -- queue_release --
 -- Soft stop: give unfinished items back at once, without counting the attempt.
 UPDATE syncer.queue
-SET leased_until = NULL, leased_by = NULL, attempts = greatest(attempts - 1, 0)
+SET leased_until = NULL, leased_by = NULL, attempts = greatest(attempts - 1, 0), dirty = false
 WHERE id = ANY($1::bigint[]) AND leased_by = $2;
 
 -- queue_extend --
@@ -81,10 +114,11 @@ WHERE id = ANY($1::bigint[]) AND leased_by = $2;
 
 -- queue_retry --
 -- Back to the queue after a failure, each item with its delay. An item that failed
--- through no fault of its own (a paused provider) does not spend an attempt.
+-- through no fault of its own (a paused provider) does not spend an attempt. One captured
+-- again meanwhile (dirty) holds a new text: no delay for it.
 UPDATE syncer.queue q
-SET leased_until = NULL, leased_by = NULL,
-    not_before = now() + make_interval(secs => r.delay_s),
+SET leased_until = NULL, leased_by = NULL, dirty = false,
+    not_before = CASE WHEN q.dirty THEN now() ELSE now() + make_interval(secs => r.delay_s) END,
     attempts = q.attempts - CASE WHEN r.counts THEN 0 ELSE 1 END,
     first_failed_at = coalesce(q.first_failed_at, now()),
     last_error = r.error
@@ -92,17 +126,28 @@ FROM unnest($1::bigint[], $2::float8[], $3::text[], $4::boolean[]) AS r(id, dela
 WHERE q.id = r.id;
 
 -- dead_letter_insert --
--- Move items to the dead-letter table in the statement that removes them from the queue.
+-- Move items to the dead-letter table in the statement that removes them from the queue;
+-- one dead letter per key: a key that fails again updates its own. An item captured again
+-- while it failed (dirty) holds a new text: it goes back to the queue, fresh, instead.
 WITH failed AS (
     SELECT * FROM unnest($1::bigint[], $2::text[], $3::text[]) AS f(id, error_class, error)
 ), moved AS (
-    DELETE FROM syncer.queue q USING failed f WHERE q.id = f.id
+    DELETE FROM syncer.queue q USING failed f WHERE q.id = f.id AND NOT q.dirty
     RETURNING q.pipeline, q.key, q.attempts, q.first_failed_at, f.error_class, f.error
+), fresh AS (
+    UPDATE syncer.queue q
+    SET dirty = false, leased_until = NULL, leased_by = NULL, attempts = 0,
+        not_before = '-infinity', first_failed_at = NULL, last_error = NULL
+    FROM failed f WHERE q.id = f.id AND q.dirty
 )
-INSERT INTO syncer.dead_letters
+INSERT INTO syncer.dead_letters AS d
     (pipeline, key, error_class, error, attempts, first_failed_at, last_failed_at)
 SELECT pipeline, key, error_class, error, attempts, coalesce(first_failed_at, now()), now()
-FROM moved;
+FROM moved
+ON CONFLICT (pipeline, key) DO UPDATE
+SET error_class = EXCLUDED.error_class, error = EXCLUDED.error, attempts = EXCLUDED.attempts,
+    first_failed_at = least(d.first_failed_at, EXCLUDED.first_failed_at),
+    last_failed_at = EXCLUDED.last_failed_at, times_failed = d.times_failed + 1;
 
 -- queue_pending --
 -- How many items of these pipelines are still captured, queued, leased or waiting for a retry.
@@ -146,7 +191,8 @@ ORDER BY id
 LIMIT $4;
 
 -- dead_letter_replay --
--- Move matching dead letters back to the queue, as fresh items, in one statement.
+-- Move matching dead letters back to the queue, as fresh items of the bulk lane, in one
+-- statement (a key already waiting there is not queued twice).
 WITH picked AS (
     SELECT id FROM syncer.dead_letters
     WHERE ($1::text IS NULL OR pipeline = $1)
@@ -159,8 +205,9 @@ WITH picked AS (
     DELETE FROM syncer.dead_letters d USING picked p WHERE d.id = p.id
     RETURNING d.pipeline, d.key
 )
-INSERT INTO syncer.queue (pipeline, key)
-SELECT pipeline, key FROM moved
+INSERT INTO syncer.queue (pipeline, key, lane)
+SELECT pipeline, key, 1 FROM moved
+ON CONFLICT (pipeline, key, lane) DO NOTHING
 RETURNING pipeline;
 
 -- dead_letter_counts --

@@ -38,6 +38,7 @@ class Claimer:
     ) -> None:
         self.pipeline = pipeline
         self.poll_interval_s = wcfg.poll_interval_s
+        self.bulk_share = wcfg.bulk_share
         self.capacity, self.claim_min = window
         self.queue = queue
         self.db = db
@@ -60,12 +61,20 @@ class Claimer:
                 await wait_first(stop, timeout_s=wait_s)
                 continue
             free = self.capacity - len(self.in_flight)
-            if free < self.claim_min and len(self.in_flight):
+            if free <= 0:
                 freed.clear()
                 await wait_first(stop, freed)
                 continue
+            # While the window is nearly full, a claim waits for a quarter of it to free up
+            # (each claim is two round trips), unless woken: a live edit is taken at once and
+            # goes out in the next free request, ahead of the bulk work already waiting.
+            busy = free < self.claim_min and len(self.in_flight) > 0
+            if busy and not self.wakeup.is_set():
+                freed.clear()
+                await wait_first(stop, freed, self.wakeup)
+                continue
             self.wakeup.clear()
-            items = await self.db.call(self.queue.claim, self.pipeline, free)
+            items = await self.db.call(self.queue.claim, self.pipeline, free, self.bulk_share)
             if items:
                 self.events.emit(Claimed(self.pipeline, len(items)))
                 self.in_flight.add(items)
@@ -75,7 +84,10 @@ class Claimer:
             elif exit_when_idle and not len(self.in_flight) and await self._idle():
                 return
             wake = [stop, self.wakeup]
-            if exit_when_idle and len(self.in_flight):
+            if busy:
+                freed.clear()
+                wake.append(freed)
+            elif exit_when_idle and len(self.in_flight):
                 # The last items finishing may leave nothing to do: look again then.
                 freed.clear()
                 wake.append(freed)

@@ -10,11 +10,11 @@ from syncer.config import PipelineConfig, ProviderConfig
 from syncer.db import Database
 from syncer.errors import InputTooLongError, SyncerError
 from syncer.providers.tokens import estimate_tokens, pack_requests, truncate_to_tokens
-from syncer.queue import Item
+from syncer.queue import BULK, Item
 from syncer.targets.store import SourceRow, VectorStore, WriteBatch
 from syncer.worker.failures import FailureRouter
 from syncer.worker.inflight import InFlight
-from syncer.worker.jobs import EmbedJob
+from syncer.worker.jobs import EmbedJob, JobQueue
 
 log = logging.getLogger("syncer.worker")
 
@@ -29,7 +29,7 @@ class Dispatcher:
         db: Database,
         in_flight: InFlight,
         failures: FailureRouter,
-        embed_q: asyncio.Queue[EmbedJob],
+        embed_q: JobQueue,
         write_q: asyncio.Queue[WriteBatch],
     ) -> None:
         self.p = p
@@ -45,8 +45,10 @@ class Dispatcher:
 
     async def dispatch(self, items: list[Item]) -> None:
         ids_by_key: dict[str, list[int]] = {}
+        lane_by_key: dict[str, int] = {}
         for item in items:
             ids_by_key.setdefault(item.key, []).append(item.id)
+            lane_by_key[item.key] = min(item.lane, lane_by_key.get(item.key, BULK))
         keys = list(ids_by_key)
         rows = await self.db.call(self.store.fetch, keys)
         now = WriteBatch()
@@ -64,9 +66,14 @@ class Dispatcher:
                 todo.append(row)
         if len(now):
             await self.write_q.put(now)
-        await self._pack(todo, ids_by_key)
+        # Live rows are packed first: they fill the first requests (bulk rows fill what they
+        # leave), and a request holding one goes out ahead of bulk-only ones.
+        todo.sort(key=lambda r: lane_by_key[r.key])
+        await self._pack(todo, ids_by_key, lane_by_key)
 
-    async def _pack(self, rows: list[SourceRow], ids_by_key: dict[str, list[int]]) -> None:
+    async def _pack(
+        self, rows: list[SourceRow], ids_by_key: dict[str, list[int]], lanes: dict[str, int]
+    ) -> None:
         """Cut or refuse texts over the model's limit; pack requests by count and tokens."""
         texts: list[str] = []
         kept: list[SourceRow] = []
@@ -113,7 +120,8 @@ class Dispatcher:
                 [ids_by_key[kept[i].key] for i in request],
                 sum(tokens[i] for i in request),
                 suspect=n < len(alone),
+                lane=min(lanes[kept[i].key] for i in request),
             )
             for key, hash_, ids in zip(job.keys, job.hashes, job.ids, strict=True):
                 self.in_flight.embedding((key, hash_), ids)
-            await self.embed_q.put(job)
+            await self.embed_q.put_job(job)

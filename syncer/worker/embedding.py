@@ -15,7 +15,7 @@ from syncer.retry import RetryPolicy
 from syncer.targets.store import WriteBatch
 from syncer.worker.failures import FailureRouter
 from syncer.worker.inflight import InFlight, TextId
-from syncer.worker.jobs import EmbedJob
+from syncer.worker.jobs import EmbedJob, JobQueue
 
 Failures = list[tuple[int, SyncerError]]
 
@@ -39,7 +39,7 @@ class Embedding:
         in_flight: InFlight,
         failures: FailureRouter,
         events: Events,
-        embed_q: asyncio.Queue[EmbedJob],
+        embed_q: JobQueue,
         write_q: asyncio.Queue[WriteBatch],
     ) -> None:
         self.p = p
@@ -55,7 +55,7 @@ class Embedding:
 
     async def run(self) -> None:
         while True:
-            job = await self.embed_q.get()
+            job = await self.embed_q.get_job()
             batch = WriteBatch()
             failed: Failures = []
             await self._embed(job, batch, failed)

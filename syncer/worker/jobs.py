@@ -2,10 +2,13 @@
 
 from __future__ import annotations
 
+import asyncio
+import itertools
 from collections.abc import Sequence
 from dataclasses import dataclass
 
 from syncer.providers.tokens import estimate_tokens
+from syncer.queue import LIVE
 
 
 @dataclass(frozen=True)
@@ -16,6 +19,7 @@ class EmbedJob:
     ids: list[list[int]]  # the queue items behind each key (a key may repeat in a claim)
     tokens: int  # estimated
     suspect: bool = False  # one input traced as failing alone: sent alone, not retried in process
+    lane: int = LIVE
 
     def part(self, idx: Sequence[int]) -> EmbedJob:
         pick = list(idx)
@@ -25,7 +29,30 @@ class EmbedJob:
             [self.hashes[i] for i in pick],
             [self.ids[i] for i in pick],
             sum(estimate_tokens(self.texts[i]) for i in pick),
+            self.suspect,
+            self.lane,
         )
 
     def all_ids(self) -> list[int]:
         return [i for ids in self.ids for i in ids]
+
+
+class JobQueue(asyncio.PriorityQueue[tuple[int, int, EmbedJob]]):
+    """Packed requests waiting for an embedding task: live ones first, then in order."""
+
+    def __init__(self, maxsize: int) -> None:
+        super().__init__(maxsize)
+        self._seq = itertools.count()
+
+    async def put_job(self, job: EmbedJob) -> None:
+        await self.put((job.lane, next(self._seq), job))
+
+    async def get_job(self) -> EmbedJob:
+        return (await self.get())[2]
+
+    def drain(self) -> list[EmbedJob]:
+        """Every job not yet taken (at stop: they go back to the queue unsent)."""
+        out = []
+        while not self.empty():
+            out.append(self.get_nowait()[2])
+        return out

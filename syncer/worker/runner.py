@@ -25,7 +25,7 @@ from syncer.worker.dispatcher import Dispatcher
 from syncer.worker.embedding import Embedding
 from syncer.worker.failures import FailureRouter
 from syncer.worker.inflight import InFlight
-from syncer.worker.jobs import EmbedJob
+from syncer.worker.jobs import JobQueue
 from syncer.worker.writer import Writer
 
 log = logging.getLogger("syncer.worker")
@@ -65,7 +65,7 @@ class PipelineRunner:
         self.n_embedders = provider.max_concurrency
         request_inputs, capacity, claim_min = window(p, provider, wcfg)
         self.in_flight = InFlight(lambda n: events.emit(InFlightChanged(p.name, n)))
-        self.embed_q: asyncio.Queue[EmbedJob] = asyncio.Queue(maxsize=self.n_embedders * 2)
+        self.embed_q = JobQueue(maxsize=self.n_embedders * 2)
         write_q: asyncio.Queue[WriteBatch] = asyncio.Queue(maxsize=self.n_embedders * 4)
         policy = RetryPolicy(wcfg, provider.breaker_reset_s)
         failures = FailureRouter(p.name, queue, db, policy, self.in_flight, events)
@@ -144,9 +144,7 @@ class PipelineRunner:
     async def _soft_stop(self) -> None:
         # Batches not yet sent go back at once (another replica may take them); the
         # deadline is for the requests already on their way.
-        unsent: list[int] = []
-        while not self.embed_q.empty():
-            unsent += self.embed_q.get_nowait().all_ids()
+        unsent = [i for job in self.embed_q.drain() for i in job.all_ids()]
         if unsent:
             await self._release(unsent)
             self.in_flight.finish(unsent)
