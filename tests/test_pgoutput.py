@@ -94,7 +94,8 @@ def txn(dec: Decoder, *changes: bytes, end_lsn: int = 0x2000) -> dict[str, list[
     """Feed one transaction; the ids it queued, by pipeline."""
     for msg in (begin(), *changes, commit(end_lsn)):
         dec.feed(msg)
-    keys_by_pipeline, xids = dec.take()
+    taken = dec.take()
+    keys_by_pipeline, xids = taken.keys, taken.xids
     assert xids == ({700} if keys_by_pipeline else set())  # what the reader waits to see
     return {
         name: sorted(int(orjson.loads(k)["id"]) for k in keys)
@@ -121,7 +122,8 @@ def test_key_values_are_queued_as_the_triggers_write_them() -> None:
     for msg in (begin(), insert("7", "a", None, None), commit(0x2000)):
         dec.feed(msg)
     assert dec.pending == 1
-    assert dec.take() == ({"docs": ['{"id":"7"}']}, {700})
+    taken = dec.take()
+    assert (taken.keys, taken.xids) == ({"docs": ['{"id":"7"}']}, {700})
 
 
 def test_update_queues_text_changes_and_both_keys_of_a_moved_row() -> None:
@@ -177,3 +179,24 @@ def test_relation_without_a_needed_column_is_a_clear_error() -> None:
         dec.feed(relation(DOCS, ("id", "title", "tag")))
     dec.feed(relation(DOCS + 1, ("id", "x"), table="other"))  # not watched: no error
     assert dec.relations[DOCS + 1] == []
+
+
+def truncate(*relids: int) -> bytes:
+    return (
+        b"T" + struct.pack("!ib", len(relids), 1) + b"".join(struct.pack("!i", r) for r in relids)
+    )
+
+
+def test_truncate_drops_what_was_pending_before_it_and_keeps_what_follows() -> None:
+    dec = decoder()
+    for msg in (begin(), insert("1", "a", None, None), commit(0x2000)):
+        dec.feed(msg)
+    for msg in (begin(701), truncate(DOCS + 1, DOCS), insert("2", "b", None, None), commit(0x3000)):
+        dec.feed(msg)
+    taken = dec.take()
+    assert taken.truncated == {"docs"} and taken.keys == {"docs": ['{"id":"2"}']}
+    assert taken.xids == {700, 701} and bool(taken)
+    # A truncate alone is still something to flush (the reader must act on it).
+    for msg in (begin(702), truncate(DOCS), commit(0x4000)):
+        dec.feed(msg)
+    assert dec.pending == 1 and dec.take().truncated == {"docs"}

@@ -34,7 +34,7 @@ import psycopg2.extras
 
 from syncer.capture.base import CaptureSide, ident
 from syncer.capture.notify import start_listener, worker_handlers
-from syncer.capture.pgoutput import Decoder
+from syncer.capture.pgoutput import Changes, Decoder
 from syncer.capture.trigger import drop_triggers, move_inbox
 from syncer.config import CaptureConfig, Config, PipelineConfig
 from syncer.db import Database
@@ -194,9 +194,9 @@ class SlotReader:
         cur: psycopg2.extras.ReplicationCursor,
         halt: threading.Event,
     ) -> None:
-        keys, xids = dec.take()
-        if keys:
-            queued = asyncio.run_coroutine_threadsafe(self._enqueue(keys, xids, halt), loop)
+        changes = dec.take()
+        if changes:
+            queued = asyncio.run_coroutine_threadsafe(self._enqueue(changes, halt), loop)
             if not queued.result():
                 return  # stopping: nothing is confirmed, the next reader reads these again
         # Every transaction read in full is queued now; a partial one is read again.
@@ -207,13 +207,14 @@ class SlotReader:
         cur.send_feedback(flush_lsn=lsn, force=True)  # type: ignore[no-untyped-call]
         self.confirmed = lsn
 
-    async def _enqueue(
-        self, keys: dict[str, list[str]], xids: set[int], halt: threading.Event
-    ) -> bool:
+    async def _enqueue(self, changes: Changes, halt: threading.Event) -> bool:
         """Queue the keys once their transactions are visible; False if stopping first."""
-        if not await self._wait_visible(xids, halt):
+        if not await self._wait_visible(changes.xids, halt):
             return False
+        keys = changes.keys
         async with self.pool.acquire() as conn, conn.transaction():
+            for name in changes.truncated:
+                await conn.execute(self.rendered[name]["pipeline_truncate"])
             for name, batch in keys.items():
                 await conn.execute(self.rendered[name]["logical_enqueue"], batch)
                 await conn.execute("SELECT pg_notify('syncer', $1)", name)
@@ -416,13 +417,13 @@ async def install_publication(
         ):
             await conn.execute(f"ALTER PUBLICATION {pub} SET TABLE {entries}")
             await conn.execute(
-                f"ALTER PUBLICATION {pub} SET (publish = 'insert, update, delete', "
+                f"ALTER PUBLICATION {pub} SET (publish = 'insert, update, delete, truncate', "
                 "publish_via_partition_root = true)"
             )
         else:
             await conn.execute(
                 f"CREATE PUBLICATION {pub} FOR TABLE {entries} WITH "
-                "(publish = 'insert, update, delete', publish_via_partition_root = true)"
+                "(publish = 'insert, update, delete, truncate', publish_via_partition_root = true)"
             )
 
 

@@ -68,6 +68,19 @@ def _cstring(buf: bytes, pos: int) -> tuple[str, int]:
     return buf[pos:end].decode(), end + 1
 
 
+@dataclass(frozen=True)
+class Changes:
+    """What a flush queues: truncations first (keys read before them are dropped), then
+    keys; once the xids are visible."""
+
+    keys: dict[str, list[str]]
+    truncated: set[str]
+    xids: set[int]
+
+    def __bool__(self) -> bool:
+        return bool(self.keys or self.truncated)
+
+
 @dataclass
 class Decoder:
     """pgoutput protocol version 1: the messages syncer needs, turned into pending keys.
@@ -82,6 +95,7 @@ class Decoder:
     relations: dict[int, list[Watch]] = field(default_factory=dict)
     keys: dict[str, set[tuple[bytes, ...]]] = field(default_factory=dict)
     xids: set[int] = field(default_factory=set)  # the transactions the pending keys are from
+    truncated: set[str] = field(default_factory=set)  # pipelines whose source was truncated
     pending: int = 0
     in_txn: bool = False
     xid: int = 0  # the transaction being read
@@ -106,14 +120,16 @@ class Decoder:
             self._update(msg)
         elif kind == 0x44:  # 'D'
             self._delete(msg)
+        elif kind == 0x54:  # 'T': relation count, options, relation ids
+            self._truncate(msg)
         elif kind == 0x4D:  # 'M': flags, LSN, prefix, length, content
             prefix, _ = _cstring(msg, 10)
             if msg[1] & 1 and prefix == OWN_PREFIX and self.in_txn:
                 self.own_txn = True
 
-    def take(self) -> tuple[dict[str, list[str]], set[int]]:
-        """The pending keys as JSON objects of text values, by pipeline, and the xids of
-        their transactions; clears them."""
+    def take(self) -> Changes:
+        """The pending keys as JSON objects of text values, by pipeline, the pipelines
+        truncated before them, and the xids of their transactions; clears them."""
         out = {
             name: [
                 orjson.dumps(
@@ -125,9 +141,21 @@ class Decoder:
             if keys
         }
         xids, self.xids = self.xids, set()
+        truncated, self.truncated = self.truncated, set()
         self.keys.clear()
         self.pending = 0
-        return out, xids
+        return Changes(out, truncated, xids)
+
+    def _truncate(self, msg: bytes) -> None:
+        (n,) = _I32.unpack_from(msg, 1)
+        for i in range(n):
+            (relid,) = _I32.unpack_from(msg, 6 + 4 * i)
+            for w in self.relations.get(relid, []):
+                # What was pending for it is gone with the rows; keys read later are kept.
+                self.pending -= len(self.keys.pop(w.pipeline, ()))
+                self.truncated.add(w.pipeline)
+                self.xids.add(self.xid)
+                self.pending += 1
 
     def _relation(self, msg: bytes) -> None:
         (relid,) = _I32.unpack_from(msg, 1)

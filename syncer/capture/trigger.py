@@ -234,6 +234,8 @@ _COMMON_STEPS = (
     "capture_update_function",
     "capture_insert_trigger",
     "capture_update_trigger",
+    "capture_truncate_function",
+    "capture_truncate_trigger",
 )
 # A target that must hear of deleted rows (a side table) also gets the delete trigger.
 _DELETE_STEPS = (*_COMMON_STEPS, "capture_delete_function", "capture_delete_trigger")
@@ -250,5 +252,5 @@ _ROW_LEVEL = {
 
 async def drop_triggers(conn: asyncpg.Connection, p: PipelineConfig) -> None:
     src = ident(p.schema_name, p.table_name)
-    for kind in ("insert", "update", "delete"):
+    for kind in ("insert", "update", "delete", "truncate"):
         await conn.execute(f"DROP TRIGGER IF EXISTS {ident(f'syncer_{p.name}_{kind}')} ON {src}")

@@ -121,6 +121,28 @@ CREATE OR REPLACE TRIGGER {delete_trigger} AFTER DELETE ON {src}
 REFERENCING OLD TABLE AS syncer_old
 FOR EACH STATEMENT EXECUTE FUNCTION {capture_delete_fn}();
 
+-- capture_truncate_function --
+-- TRUNCATE of the source: its queued work is moot, and a side table is emptied with it, in
+-- the user's transaction (inbox rows are deleted too: the keys are gone).
+CREATE OR REPLACE FUNCTION {capture_truncate_fn}() RETURNS trigger
+LANGUAGE plpgsql SECURITY DEFINER SET search_path = pg_catalog, pg_temp AS $syncer$
+BEGIN
+    {target_truncate}
+    DELETE FROM syncer.inbox WHERE pipeline = {pipeline};
+    DELETE FROM syncer.queue WHERE pipeline = {pipeline};
+    RETURN NULL;
+END
+$syncer$;
+
+-- capture_truncate_trigger --
+CREATE OR REPLACE TRIGGER {truncate_trigger} AFTER TRUNCATE ON {src}
+FOR EACH STATEMENT EXECUTE FUNCTION {capture_truncate_fn}();
+
+-- pipeline_truncate --
+-- Logical mode: the slot said the source was truncated (before the keys read after it).
+{target_truncate}
+DELETE FROM syncer.queue WHERE pipeline = {pipeline};
+
 -- logical_enqueue --
 -- Logical mode: keys read from the slot, each column in its text form, typed and built
 -- exactly as the triggers build them (the same row is the same key in either mode).

@@ -44,7 +44,12 @@ class ColumnTarget:
 
     def values(self, keys: Sequence[str]) -> dict[str, str]:
         hash_column = ident(self.hash_column)
-        return {"hash_column": hash_column, "target_join": "", "stored_hash": f"s.{hash_column}"}
+        return {
+            "hash_column": hash_column,
+            "target_join": "",
+            "stored_hash": f"s.{hash_column}",
+            "target_truncate": "",  # the vectors went with the rows
+        }
 
     def _ddl(self, name: str) -> str:
         p = self.p

@@ -55,6 +55,8 @@ class TableTarget:
                 f"WHERE {key_eq('t', 's', keys)} OFFSET 0) t ON true"
             ),
             "stored_hash": "t.content_hash",
+            # The source was truncated: so is the side table (the user's truncate is quick).
+            "target_truncate": f"TRUNCATE {table};",
         }
 
     def _ddl(self, name: str, keys: Sequence[Column] = ()) -> str:
