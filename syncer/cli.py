@@ -2,11 +2,22 @@
 
 from __future__ import annotations
 
-import asyncio
+import signal
+import sys
+
+
+def _stopped_early(_sig: int, _frame: object) -> None:
+    # A SIGTERM before the run has started (a replica stopped while it imports): nothing is
+    # claimed yet, so this is a clean stop, not a kill. `run` installs its own handler.
+    sys.exit(0)
+
+
+signal.signal(signal.SIGTERM, _stopped_early)
+
+import asyncio  # after the handler: the imports take the first half second
 import functools
 import importlib
 import logging
-import sys
 import traceback
 from collections.abc import Callable, Coroutine
 from datetime import UTC, datetime
@@ -112,6 +123,9 @@ class Ctx:
 @click.pass_context
 def main(ctx: click.Context, config_path: Path, log_level: str) -> None:
     """Keeps pgvector embeddings in sync with the rows they are computed from."""
+    if ctx.invoked_subcommand != "run":
+        # Only a starting `run` has nothing to lose: any other command stopped is a failure.
+        signal.signal(signal.SIGTERM, signal.SIG_DFL)
     setup_logging(log_level)
     ctx.obj = Ctx(config_path)
 

@@ -104,6 +104,8 @@ LOST = (
     asyncpg.QueryCanceledError,
     asyncpg.LockNotAvailableError,
 )
+RETRY_NOW = (asyncpg.DeadlockDetectedError, asyncpg.SerializationError)
+RETRY_NOW_MAX_S = 0.05
 PROBE_MIN_S = 0.1
 PROBE_MAX_S = 5.0
 PROBE_TIMEOUT_S = 5.0
@@ -134,6 +136,10 @@ class Database:
             await self.up.wait()
             try:
                 return await fn(*args, **kwargs)
+            except RETRY_NOW:
+                # Two transactions locked rows in opposite orders (a write finishing its
+                # items while the capture marks them): the one PostgreSQL aborted runs again.
+                await asyncio.sleep(random.uniform(0, RETRY_NOW_MAX_S))
             except LOST as err:
                 self.lost(err)
 

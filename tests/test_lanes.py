@@ -138,4 +138,4 @@ def test_two_workers_do_not_pay_twice_for_one_text(
     twice = sum(n - 1 for n in paid.values() if n > 1)
     # Without the claim's skip of keys leased elsewhere: ~300-370 of 3,000 (measured). What
     # is left is two claims running at the very same moment, neither seeing the other's lease.
-    assert twice <= 0.015 * len(paid), f"{twice} texts embedded more than once"
+    assert twice <= 0.03 * len(paid), f"{twice} texts embedded more than once"

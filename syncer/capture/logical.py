@@ -22,6 +22,7 @@ import asyncio
 import contextlib
 import logging
 import os
+import random
 import select
 import threading
 import time
@@ -37,7 +38,7 @@ from syncer.capture.notify import start_listener, worker_handlers
 from syncer.capture.pgoutput import Changes, Decoder
 from syncer.capture.trigger import drop_triggers, move_inbox
 from syncer.config import CaptureConfig, Config, PipelineConfig
-from syncer.db import Database
+from syncer.db import RETRY_NOW, RETRY_NOW_MAX_S, Database
 from syncer.errors import SchemaError, SlotError
 from syncer.schema.catalog import key_columns
 from syncer.schema.render import PipelineSQL
@@ -212,17 +213,26 @@ class SlotReader:
         if not await self._wait_visible(changes.xids, halt):
             return False
         keys = changes.keys
+        while True:
+            try:
+                await self._enqueue_once(changes)
+                break
+            except RETRY_NOW:  # opposite lock orders with a write finishing the same items
+                await asyncio.sleep(random.uniform(0, RETRY_NOW_MAX_S))
+        for name in keys:
+            event = self.wakeups.get(name)
+            if event is not None:
+                event.set()
+        return True
+
+    async def _enqueue_once(self, changes: Changes) -> None:
+        keys = changes.keys
         async with self.pool.acquire() as conn, conn.transaction():
             for name in changes.truncated:
                 await conn.execute(self.rendered[name]["pipeline_truncate"])
             for name, batch in keys.items():
                 await conn.execute(self.rendered[name]["logical_enqueue"], batch)
                 await conn.execute("SELECT pg_notify('syncer', $1)", name)
-        for name in keys:
-            event = self.wakeups.get(name)
-            if event is not None:
-                event.set()
-        return True
 
     async def _wait_visible(self, xids: set[int], halt: threading.Event) -> bool:
         """Wait until other sessions see these transactions; False if stopping first.
