@@ -11,7 +11,7 @@ from collections.abc import Callable, Coroutine
 from pathlib import Path
 from typing import Any
 
-from bench import capture_cost, chaos, faults, latency, quota, report, throughput
+from bench import capture_cost, chaos, faults, freshness, latency, quota, report, throughput
 from bench.harness import TEMPLATE, Harness
 from bench.report import Result
 
@@ -25,6 +25,7 @@ SCENARIOS: dict[str, Scenario] = {
     "uvloop": throughput.event_loops,
     "quota": quota.run,
     "faults": faults.run,
+    "freshness": freshness.run,
     "chaos": chaos.run,  # last: it restarts the database server
 }
 
