@@ -23,7 +23,7 @@ from syncer.observe import Events
 from syncer.providers import Embedder, make_embedder
 from syncer.schema import install as schema
 from syncer.schema.catalog import key_columns
-from syncer.schema.migrations import SCHEMA_VERSION, installed_version
+from syncer.schema.migrations import installed_version, missing_versions
 from syncer.schema.render import PipelineSQL, render
 from syncer.sqlfiles import query
 from syncer.targets import for_pipeline
@@ -116,10 +116,10 @@ async def checked_pipeline(conn: asyncpg.Connection, p: PipelineConfig) -> Pipel
     version = await installed_version(conn)
     if version is None:
         raise SchemaError("syncer is not installed in this database: run `syncer install` first")
-    if version < SCHEMA_VERSION:
+    if missing := await missing_versions(conn):
         raise SchemaError(
             f"syncer's objects in this database are version {version}, this syncer needs "
-            f"{SCHEMA_VERSION}: run `syncer install` again to upgrade them"
+            f"migrations {', '.join(map(str, missing))}: run `syncer install` again to upgrade them"
         )
     row = await conn.fetchrow(query("pipeline_get"), p.name)
     if row is None:

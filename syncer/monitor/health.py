@@ -9,7 +9,6 @@ from dataclasses import dataclass, field
 
 from syncer.db import Database
 from syncer.monitor.loop import LoopWatch
-from syncer.schema.migrations import SCHEMA_VERSION
 
 # What a logical-mode capture side may say of the slot; both mean this replica is fine.
 SLOT_OK = ("reading", "standing_by", "n/a")
@@ -30,7 +29,7 @@ class Health:
     db: Database | None = None  # None until the pool is up
     tasks: Sequence[asyncio.Task[None]] = ()  # the supervised ones
     capture_state: Callable[[], str] = lambda: "n/a"
-    schema_version: int | None = None  # as the sampler last read it
+    missing_migrations: list[int] | None = None  # as the sampler last read them
     stopping: asyncio.Event = field(default_factory=asyncio.Event)
 
     def live(self) -> Verdict:
@@ -53,12 +52,12 @@ class Health:
         if not self.db.up.is_set():
             return Verdict(False, ("the database does not answer",))
         reasons = []
-        if self.schema_version is None:
+        missing = self.missing_migrations
+        if missing is None:
             reasons.append("starting: the schema version is not read yet")
-        elif self.schema_version != SCHEMA_VERSION:
+        elif missing:
             reasons.append(
-                f"the schema is at version {self.schema_version}, this syncer needs "
-                f"{SCHEMA_VERSION}: run `syncer install`"
+                f"the schema lacks migrations {', '.join(map(str, missing))}: run `syncer install`"
             )
         state = self.capture_state()
         if state not in SLOT_OK:

@@ -15,7 +15,7 @@ from syncer.db import Database
 from syncer.monitor.health import Health
 from syncer.observe import Event, ProcessSampled, QueueSampled
 from syncer.providers import Embedder, GuardedClient
-from syncer.schema.migrations import installed_version
+from syncer.schema.migrations import missing_versions
 from syncer.sqlfiles import query
 
 log = logging.getLogger("syncer.monitor")
@@ -54,7 +54,7 @@ class Sampler:
 
     async def sample(self) -> None:
         async with self.db.pool.acquire(timeout=SAMPLE_TIMEOUT_S) as conn:
-            self.health.schema_version = await installed_version(conn)  # type: ignore[arg-type]
+            self.health.missing_migrations = await missing_versions(conn)  # type: ignore[arg-type]
             rows = await conn.fetch(query("queue_gauges"))
             slot = await self.slot_lag(conn) if self.slot_lag is not None else None  # type: ignore[arg-type]
         for r in rows:
