@@ -26,6 +26,8 @@ from syncer.schema.catalog import key_columns
 from syncer.schema.migrations import installed_version, missing_versions
 from syncer.schema.render import PipelineSQL, render
 from syncer.sqlfiles import query
+from syncer.status import PipelineStatus
+from syncer.status import gather as gather_status
 from syncer.targets import for_pipeline
 from syncer.worker import ProviderPaused, Worker
 
@@ -201,33 +203,12 @@ async def _checked_all(cfg: Config, pool: asyncpg.Pool) -> dict[str, PipelineSQL
     return rendered
 
 
-@dataclass
-class Status:
-    pipelines: list[asyncpg.Record]
-    slot: asyncpg.Record | None = None  # logical mode: the slot's state; None if missing
-
-
-async def status(cfg: Config) -> Status:
-    conn = await connect(cfg.database.url)
+async def status(cfg: Config) -> tuple[list[PipelineStatus], asyncpg.Record | None]:
+    """Each pipeline's status, and in logical mode the slot's state (None: missing)."""
+    conn = await _installed(cfg)
     try:
-        if await installed_version(conn) is None:
-            raise SchemaError(
-                "syncer is not installed in this database: run `syncer install` first"
-            )
-        slot = await source_for(cfg).status(conn)
-        rows = await conn.fetch(
-            """SELECT p.name,
-                      count(q.id) + (SELECT count(*) FROM syncer.inbox i WHERE i.pipeline = p.name)
-                          AS queued,
-                      count(q.id) FILTER (WHERE q.leased_until > now()) AS in_progress,
-                      count(q.id) FILTER (WHERE q.not_before > now()) AS waiting_retry,
-                      extract(epoch FROM now() - min(q.enqueued_at)) AS oldest_s,
-                      (SELECT count(*) FROM syncer.dead_letters d WHERE d.pipeline = p.name)
-                          AS dead_letters
-               FROM syncer.pipelines p LEFT JOIN syncer.queue q ON q.pipeline = p.name
-               GROUP BY p.name ORDER BY p.name"""
-        )
-        return Status(rows, slot)
+        rendered = {p.name: await checked_pipeline(conn, p) for p in cfg.pipelines}
+        return await gather_status(cfg, conn, rendered), await source_for(cfg).status(conn)
     finally:
         await conn.close()
 

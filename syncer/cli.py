@@ -20,8 +20,9 @@ import orjson
 from syncer import app
 from syncer import config as config_mod
 from syncer.config import Config
-from syncer.errors import SyncerError, exit_code
+from syncer.errors import EXIT_THRESHOLD, SyncerError, exit_code
 from syncer.observe import setup_logging
+from syncer.status import PipelineStatus, Thresholds
 
 T = TypeVar("T")
 
@@ -243,29 +244,72 @@ def _listen(value: str | None) -> str | None:
 
 
 @main.command()
+@click.option("--json", "as_json", is_flag=True, help="One JSON object with a `pipelines` array.")
+@click.option(
+    "--max-lag-s",
+    type=click.FloatRange(min=0),
+    default=None,
+    help="Exit 3 if the oldest ready item is older than this.",
+)
+@click.option(
+    "--max-dead-letters",
+    type=click.IntRange(min=0),
+    default=None,
+    help="Exit 3 if a pipeline has more dead letters than this.",
+)
+@click.option(
+    "--min-coverage",
+    type=click.FloatRange(0, 1),
+    default=None,
+    help="Exit 3 if fewer rows with text than this share have their vector (0-1).",
+)
+@click.option("--require-runner", is_flag=True, help="Exit 3 if no worker was seen in 30 s.")
 @click.pass_obj
-def status(obj: Ctx) -> None:
-    """The backlog of each pipeline."""
+def status(
+    obj: Ctx,
+    as_json: bool,
+    max_lag_s: float | None,
+    max_dead_letters: int | None,
+    min_coverage: float | None,
+    require_runner: bool,
+) -> None:
+    """Each pipeline: backlog, lag, dead letters, coverage, runners (exit 3: a threshold)."""
     cfg = obj.config()
-    st = _run_async(app.status(cfg))
+    limits = Thresholds(max_lag_s, max_dead_letters, min_coverage, require_runner)
+    pipelines, slot = _run_async(app.status(cfg))
+    if as_json:
+        doc = {"pipelines": [p.doc() for p in pipelines]}
+        click.echo(orjson.dumps(doc, default=str).decode())
+    else:
+        status_table(cfg, pipelines, slot)
+    failed = [f"pipeline {p.name}: {why}" for p in pipelines for why in limits.passed(p)]
+    for line in failed:
+        click.echo(line, err=True)
+    sys.exit(EXIT_THRESHOLD if failed else 0)
+
+
+def status_table(cfg: Config, pipelines: list[PipelineStatus], slot: Any) -> None:
     click.echo(
-        f"{'pipeline':20} {'queued':>8} {'working':>8} {'retry':>8} {'oldest_s':>9} {'dead':>6}"
+        f"{'pipeline':20} {'state':>7} {'queued':>8} {'working':>8} {'retry':>8} "
+        f"{'oldest_s':>9} {'dead':>6} {'coverage':>9} {'runners':>7}"
     )
-    for r in st.pipelines:
-        oldest = f"{float(r['oldest_s']):.1f}" if r["oldest_s"] is not None else "-"
+    for p in pipelines:
+        cov = "-" if p.coverage is None else f"{100 * p.coverage:.2f}%"
+        cov += "" if p.coverage_exact else "~"
         click.echo(
-            f"{r['name']:20} {r['queued']:>8} {r['in_progress']:>8} {r['waiting_retry']:>8} "
-            f"{oldest:>9} {r['dead_letters']:>6}"
+            f"{p.name:20} {'paused' if p.paused else 'active':>7} {p.queued:>8} "
+            f"{p.in_progress:>8} {p.delayed:>8} {p.oldest_age_s:>9.1f} "
+            f"{sum(p.dead_letters.values()):>6} {cov:>9} {len(p.runners):>7}"
         )
     if cfg.capture.mode == "logical":
-        slot = cfg.capture.slot
-        if st.slot is None:
-            click.echo(f"logical slot {slot}: MISSING (run `syncer install`)")
+        name = cfg.capture.slot
+        if slot is None:
+            click.echo(f"logical slot {name}: MISSING (run `syncer install`)")
         else:
-            state = "read by a worker" if st.slot["active"] else "NOT READ by any worker"
+            state = "read by a worker" if slot["active"] else "NOT READ by any worker"
             click.echo(
-                f"logical slot {slot}: {state}, {st.slot['behind']} bytes of WAL not yet read, "
-                f"{st.slot['retained']} bytes retained"
+                f"logical slot {name}: {state}, {slot['behind']} bytes of WAL not yet read, "
+                f"{slot['retained']} bytes retained"
             )
 
 

@@ -27,6 +27,7 @@ class Monitor:
         self.health = Health(self.loop)
         self.server = Server(listen, self.health) if listen else None
         self._tasks: list[asyncio.Task[None]] = []
+        self._sampler: Sampler | None = None
 
     async def start(self) -> None:
         asyncio.get_running_loop().slow_callback_duration = self.cfg.observe.slow_callback_s
@@ -46,12 +47,15 @@ class Monitor:
         tasks: Sequence[asyncio.Task[None]],
         embedders: Mapping[str, Embedder],
         slot_lag: SlotLag | None,
+        worker_id: str,
     ) -> None:
         """The worker runs: readiness follows its database and capture, the sampler starts."""
         self.health.db = db
         self.health.tasks = tasks
         self.health.capture_state = side.state
-        sampler = Sampler(db, self.health, embedders, self.events.emit, slot_lag)
+        sampler = Sampler(db, self.health, embedders, self.events.emit, slot_lag, worker_id)
+        self.events.subscribe(sampler.written)
+        self._sampler = sampler
         self._spawn(sampler.run(), "sampler")
 
     def _spawn(self, coro: Coroutine[Any, Any, None], name: str) -> None:
@@ -64,5 +68,7 @@ class Monitor:
         for t in self._tasks:
             with contextlib.suppress(asyncio.CancelledError):
                 await t
+        if self._sampler is not None:
+            await self._sampler.forget()
         if self.server is not None:
             await self.server.close()

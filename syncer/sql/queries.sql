@@ -190,6 +190,32 @@ SELECT p.name,
        coalesce(extract(epoch FROM now() - min(q.enqueued_at) FILTER (
            WHERE q.not_before <= now() AND (q.leased_until IS NULL OR q.leased_until < now())
        )), 0)::float8 AS oldest_s,
-       (SELECT count(*) FROM syncer.dead_letters d WHERE d.pipeline = p.name) AS dead_letters
+       (SELECT count(*) FROM syncer.dead_letters d WHERE d.pipeline = p.name) AS dead_letters,
+       p.paused_at IS NOT NULL AS paused
 FROM syncer.pipelines p LEFT JOIN syncer.queue q ON q.pipeline = p.name
 GROUP BY p.name ORDER BY p.name;
+
+-- runner_seen --
+-- A process is alive ($1 its worker id, $2 its pipelines), and each of them ($3) last
+-- committed a vector at $4 (NULL: not since the last time); runners gone an hour are dropped.
+WITH seen AS (
+    INSERT INTO syncer.runners (worker_id, pipelines) VALUES ($1, $2)
+    ON CONFLICT (worker_id) DO UPDATE SET seen_at = now(), pipelines = EXCLUDED.pipelines
+), gone AS (
+    DELETE FROM syncer.runners WHERE seen_at < now() - interval '1 hour'
+)
+UPDATE syncer.pipelines p
+SET last_write_at = greatest(p.last_write_at, w.at)
+FROM unnest($3::text[], $4::timestamptz[]) AS w(name, at)
+WHERE p.name = w.name AND w.at IS NOT NULL;
+
+-- runner_gone --
+DELETE FROM syncer.runners WHERE worker_id = $1;
+
+-- status_pipelines --
+-- `syncer status`: each pipeline's pause, last write and the runners seen in the last 30 s.
+SELECT p.name, p.paused_at IS NOT NULL AS paused, p.paused_at, p.last_write_at,
+       coalesce(array(SELECT r.worker_id FROM syncer.runners r
+                      WHERE p.name = ANY (r.pipelines) AND r.seen_at > now() - interval '30 s'
+                      ORDER BY r.worker_id), '{}') AS runners
+FROM syncer.pipelines p ORDER BY p.name;

@@ -79,9 +79,8 @@ class Worker:
         ]
         if self.monitor is not None:
             source = source_for(self.cfg)
-            self.monitor.attach(
-                self.db, side, [*runs, listener, feeder], self.embedders, source.status
-            )
+            tasks = [*runs, listener, feeder]
+            self.monitor.attach(self.db, side, tasks, self.embedders, source.status, self.worker_id)
         log.info(
             "worker started",
             extra={"worker_id": self.worker_id, "pipelines": [r.p.name for r in self.runners]},

@@ -5,3 +5,16 @@
 ALTER TABLE syncer.pipelines
     ADD COLUMN IF NOT EXISTS paused_at timestamptz,
     ADD COLUMN IF NOT EXISTS paused_by text;
+
+-- When a vector of the pipeline was last committed (each process records its own, at most
+-- every few seconds: no write on the hot path), for `syncer status`.
+ALTER TABLE syncer.pipelines ADD COLUMN IF NOT EXISTS last_write_at timestamptz;
+
+-- The processes running, by worker id, each seen every few seconds: `status` lists those
+-- seen in the last 30 s (`--require-runner`).
+CREATE TABLE IF NOT EXISTS syncer.runners (
+    worker_id text PRIMARY KEY,
+    pipelines text[] NOT NULL,
+    started_at timestamptz NOT NULL DEFAULT now(),
+    seen_at timestamptz NOT NULL DEFAULT now()
+);
