@@ -18,13 +18,16 @@ from syncer.capture import source_for
 from syncer.config import Config, PipelineConfig
 from syncer.db import Database, connect, ensure_vector_extension, wait_for_pool
 from syncer.errors import EXIT_PROVIDER, SchemaError
+from syncer.monitor import Monitor
 from syncer.observe import Events
 from syncer.providers import Embedder, make_embedder
 from syncer.schema import install as schema
 from syncer.schema.catalog import key_columns
-from syncer.schema.migrations import SCHEMA_VERSION, installed_version
+from syncer.schema.migrations import installed_version, missing_versions
 from syncer.schema.render import PipelineSQL, render
 from syncer.sqlfiles import query
+from syncer.status import PipelineStatus
+from syncer.status import gather as gather_status
 from syncer.targets import for_pipeline
 from syncer.worker import ProviderPaused, Worker
 
@@ -115,10 +118,10 @@ async def checked_pipeline(conn: asyncpg.Connection, p: PipelineConfig) -> Pipel
     version = await installed_version(conn)
     if version is None:
         raise SchemaError("syncer is not installed in this database: run `syncer install` first")
-    if version < SCHEMA_VERSION:
+    if missing := await missing_versions(conn):
         raise SchemaError(
             f"syncer's objects in this database are version {version}, this syncer needs "
-            f"{SCHEMA_VERSION}: run `syncer install` again to upgrade them"
+            f"migrations {', '.join(map(str, missing))}: run `syncer install` again to upgrade them"
         )
     row = await conn.fetchrow(query("pipeline_get"), p.name)
     if row is None:
@@ -153,13 +156,22 @@ async def run(
     exit_when_idle: bool,
     stop: asyncio.Event | None = None,
     events: Events | None = None,
+    listen: str | None = None,
 ) -> RunResult:
+    """`listen`: HOST:PORT of the HTTP endpoints (default observe.listen)."""
     stop = stop or asyncio.Event()
     result = RunResult(events or Events())
     loop = asyncio.get_running_loop()
+    pool: asyncpg.Pool | None = None
+    # First, so that an address in use ends the run before it claims anything.
+    monitor = Monitor(cfg, result.events, listen or cfg.observe.listen)
+    try:
+        await monitor.start()
+    except BaseException:
+        await monitor.close()
+        raise
     for sig in (signal.SIGTERM, signal.SIGINT):
         loop.add_signal_handler(sig, stop.set)
-    pool: asyncpg.Pool | None = None
     try:
         # A database that is down at start is waited for (logged), not a reason to exit.
         pool = await wait_for_pool(cfg.database, stop)
@@ -168,7 +180,7 @@ async def run(
         rendered = await Database(pool).call(_checked_all, cfg, pool)
         # Start-up objects live as long as the process: keep them out of every collection.
         gc.freeze()
-        worker = Worker(cfg, pool, embedders, rendered, result.events)
+        worker = Worker(cfg, pool, embedders, rendered, result.events, monitor)
         await worker.run(stop, exit_when_idle)
     except ProviderPaused as err:
         result.exit_code = EXIT_PROVIDER
@@ -176,6 +188,7 @@ async def run(
     finally:
         for sig in (signal.SIGTERM, signal.SIGINT):
             loop.remove_signal_handler(sig)
+        await monitor.close()
         for e in embedders.values():
             await e.close()
         if pool is not None:
@@ -190,33 +203,12 @@ async def _checked_all(cfg: Config, pool: asyncpg.Pool) -> dict[str, PipelineSQL
     return rendered
 
 
-@dataclass
-class Status:
-    pipelines: list[asyncpg.Record]
-    slot: asyncpg.Record | None = None  # logical mode: the slot's state; None if missing
-
-
-async def status(cfg: Config) -> Status:
-    conn = await connect(cfg.database.url)
+async def status(cfg: Config) -> tuple[list[PipelineStatus], asyncpg.Record | None]:
+    """Each pipeline's status, and in logical mode the slot's state (None: missing)."""
+    conn = await _installed(cfg)
     try:
-        if await installed_version(conn) is None:
-            raise SchemaError(
-                "syncer is not installed in this database: run `syncer install` first"
-            )
-        slot = await source_for(cfg).status(conn)
-        rows = await conn.fetch(
-            """SELECT p.name,
-                      count(q.id) + (SELECT count(*) FROM syncer.inbox i WHERE i.pipeline = p.name)
-                          AS queued,
-                      count(q.id) FILTER (WHERE q.leased_until > now()) AS in_progress,
-                      count(q.id) FILTER (WHERE q.not_before > now()) AS waiting_retry,
-                      extract(epoch FROM now() - min(q.enqueued_at)) AS oldest_s,
-                      (SELECT count(*) FROM syncer.dead_letters d WHERE d.pipeline = p.name)
-                          AS dead_letters
-               FROM syncer.pipelines p LEFT JOIN syncer.queue q ON q.pipeline = p.name
-               GROUP BY p.name ORDER BY p.name"""
-        )
-        return Status(rows, slot)
+        rendered = {p.name: await checked_pipeline(conn, p) for p in cfg.pipelines}
+        return await gather_status(cfg, conn, rendered), await source_for(cfg).status(conn)
     finally:
         await conn.close()
 

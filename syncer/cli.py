@@ -31,8 +31,9 @@ import orjson
 from syncer import app
 from syncer import config as config_mod
 from syncer.config import Config
-from syncer.errors import SyncerError, exit_code
+from syncer.errors import EXIT_THRESHOLD, SyncerError, exit_code
 from syncer.observe import setup_logging
+from syncer.status import PipelineStatus, Thresholds
 
 T = TypeVar("T")
 
@@ -84,9 +85,54 @@ def _guard(fn: Callable[[], T]) -> T:
         _fail(err)
 
 
+LOG_LEVELS = click.Choice(["debug", "info", "warning", "error"], case_sensitive=False)
+LOG_FORMATS = click.Choice(["json", "text"], case_sensitive=False)
+
+
+def _set_log(ctx: click.Context, param: click.Parameter, value: str | None) -> None:
+    """--log-format / --log-level, before or after the command's name: the last one given
+    wins over the config's [observe] (applied when the config is read)."""
+    if value is None:
+        return
+    root = ctx.find_root()
+    chosen: dict[str, str] = root.meta.setdefault("syncer.log", {})
+    chosen[str(param.name)] = value.lower()
+    setup_logging(chosen.get("log_level", "info"), chosen.get("log_format", "json") == "json")
+
+
+def _log_params() -> list[click.Parameter]:
+    return [
+        click.Option(
+            [name],
+            type=choice,
+            default=None,
+            expose_value=False,
+            is_eager=True,
+            callback=_set_log,
+            help=f"Overrides [observe] {name[2:].replace('-', '_')}.",
+        )
+        for name, choice in (("--log-format", LOG_FORMATS), ("--log-level", LOG_LEVELS))
+    ]
+
+
+class Command(click.Command):
+    """Every command takes --log-format and --log-level too (`syncer run --log-level debug`)."""
+
+    def __init__(self, *args: Any, **kwargs: Any) -> None:
+        super().__init__(*args, **kwargs)
+        self.params += _log_params()
+
+
 class Commands(click.Group):
     """syncer's command group: every command runs under _guard, and LAZY_COMMANDS are
     imported only when asked for."""
+
+    command_class = Command
+    group_class = type  # subgroups (dlq) are Commands too
+
+    def __init__(self, *args: Any, **kwargs: Any) -> None:
+        super().__init__(*args, **kwargs)
+        self.params += _log_params()
 
     def invoke(self, ctx: click.Context) -> Any:
         return _guard(functools.partial(super().invoke, ctx))
@@ -98,15 +144,22 @@ class Commands(click.Group):
         if cmd_name not in LAZY_COMMANDS:
             return super().get_command(ctx, cmd_name)
         command: click.Command = getattr(importlib.import_module(LAZY_COMMANDS[cmd_name]), cmd_name)
+        if not any(p.name == "log_level" for p in command.params):
+            command.params += _log_params()
         return command
 
 
 class Ctx:
-    def __init__(self, path: Path) -> None:
+    def __init__(self, path: Path, chosen_log: dict[str, str]) -> None:
         self.path = path
+        self.chosen_log = chosen_log  # what --log-format / --log-level said
 
     def config(self) -> Config:
-        return config_mod.load(self.path)
+        cfg = config_mod.load(self.path)
+        obs = cfg.observe
+        level = self.chosen_log.get("log_level", obs.log_level)
+        setup_logging(level, self.chosen_log.get("log_format", obs.log_format) == "json")
+        return cfg
 
 
 @click.group(cls=Commands)
@@ -119,15 +172,16 @@ class Ctx:
     show_default=True,
     help="The TOML configuration file.",
 )
-@click.option("--log-level", default="info", show_default=True)
 @click.pass_context
-def main(ctx: click.Context, config_path: Path, log_level: str) -> None:
+def main(ctx: click.Context, config_path: Path) -> None:
     """Keeps pgvector embeddings in sync with the rows they are computed from."""
     if ctx.invoked_subcommand != "run":
         # Only a starting `run` has nothing to lose: any other command stopped is a failure.
         signal.signal(signal.SIGTERM, signal.SIG_DFL)
-    setup_logging(log_level)
-    ctx.obj = Ctx(config_path)
+    chosen: dict[str, str] = ctx.meta.setdefault("syncer.log", {})
+    if not chosen:
+        setup_logging()
+    ctx.obj = Ctx(config_path, chosen)
 
 
 @main.command()
@@ -170,12 +224,19 @@ def backfill(obj: Ctx, pipeline: str | None, everything: bool) -> None:
 @click.option(
     "--exit-when-idle", is_flag=True, help="Drain the queue, then exit 0 (for jobs and tests)."
 )
+@click.option(
+    "--listen",
+    default=None,
+    metavar="HOST:PORT",
+    callback=lambda _c, _p, v: _listen(v),
+    help="Serve /metrics, /healthz and /readyz here (overrides [observe] listen).",
+)
 @click.pass_obj
-def run(obj: Ctx, exit_when_idle: bool) -> None:
+def run(obj: Ctx, exit_when_idle: bool, listen: str | None) -> None:
     """Run every configured pipeline until SIGTERM or SIGINT."""
     cfg = obj.config()
     embedders = app.make_embedders(cfg, obj.path)
-    result = _run_async(app.run(cfg, embedders, exit_when_idle))
+    result = _run_async(app.run(cfg, embedders, exit_when_idle, listen=listen))
     for name, s in sorted(result.events.stats.items()):
         click.echo(
             f"pipeline {name}: embedded {s.embedded}, unchanged {s.unchanged}, "
@@ -187,30 +248,82 @@ def run(obj: Ctx, exit_when_idle: bool) -> None:
     sys.exit(result.exit_code)
 
 
+def _listen(value: str | None) -> str | None:
+    if value is not None:
+        try:
+            config_mod.parse_listen(value)
+        except ValueError as err:
+            raise click.BadParameter(str(err), param_hint="'--listen'") from None
+    return value
+
+
 @main.command()
+@click.option("--json", "as_json", is_flag=True, help="One JSON object with a `pipelines` array.")
+@click.option(
+    "--max-lag-s",
+    type=click.FloatRange(min=0),
+    default=None,
+    help="Exit 3 if the oldest ready item is older than this.",
+)
+@click.option(
+    "--max-dead-letters",
+    type=click.IntRange(min=0),
+    default=None,
+    help="Exit 3 if a pipeline has more dead letters than this.",
+)
+@click.option(
+    "--min-coverage",
+    type=click.FloatRange(0, 1),
+    default=None,
+    help="Exit 3 if fewer rows with text than this share have their vector (0-1).",
+)
+@click.option("--require-runner", is_flag=True, help="Exit 3 if no worker was seen in 30 s.")
 @click.pass_obj
-def status(obj: Ctx) -> None:
-    """The backlog of each pipeline."""
+def status(
+    obj: Ctx,
+    as_json: bool,
+    max_lag_s: float | None,
+    max_dead_letters: int | None,
+    min_coverage: float | None,
+    require_runner: bool,
+) -> None:
+    """Each pipeline: backlog, lag, dead letters, coverage, runners (exit 3: a threshold)."""
     cfg = obj.config()
-    st = _run_async(app.status(cfg))
+    limits = Thresholds(max_lag_s, max_dead_letters, min_coverage, require_runner)
+    pipelines, slot = _run_async(app.status(cfg))
+    if as_json:
+        doc = {"pipelines": [p.doc() for p in pipelines]}
+        click.echo(orjson.dumps(doc, default=str).decode())
+    else:
+        status_table(cfg, pipelines, slot)
+    failed = [f"pipeline {p.name}: {why}" for p in pipelines for why in limits.passed(p)]
+    for line in failed:
+        click.echo(line, err=True)
+    sys.exit(EXIT_THRESHOLD if failed else 0)
+
+
+def status_table(cfg: Config, pipelines: list[PipelineStatus], slot: Any) -> None:
     click.echo(
-        f"{'pipeline':20} {'queued':>8} {'working':>8} {'retry':>8} {'oldest_s':>9} {'dead':>6}"
+        f"{'pipeline':20} {'state':>7} {'queued':>8} {'working':>8} {'retry':>8} "
+        f"{'oldest_s':>9} {'dead':>6} {'coverage':>9} {'runners':>7}"
     )
-    for r in st.pipelines:
-        oldest = f"{float(r['oldest_s']):.1f}" if r["oldest_s"] is not None else "-"
+    for p in pipelines:
+        cov = "-" if p.coverage is None else f"{100 * p.coverage:.2f}%"
+        cov += "" if p.coverage_exact else "~"
         click.echo(
-            f"{r['name']:20} {r['queued']:>8} {r['in_progress']:>8} {r['waiting_retry']:>8} "
-            f"{oldest:>9} {r['dead_letters']:>6}"
+            f"{p.name:20} {'paused' if p.paused else 'active':>7} {p.queued:>8} "
+            f"{p.in_progress:>8} {p.delayed:>8} {p.oldest_age_s:>9.1f} "
+            f"{sum(p.dead_letters.values()):>6} {cov:>9} {len(p.runners):>7}"
         )
     if cfg.capture.mode == "logical":
-        slot = cfg.capture.slot
-        if st.slot is None:
-            click.echo(f"logical slot {slot}: MISSING (run `syncer install`)")
+        name = cfg.capture.slot
+        if slot is None:
+            click.echo(f"logical slot {name}: MISSING (run `syncer install`)")
         else:
-            state = "read by a worker" if st.slot["active"] else "NOT READ by any worker"
+            state = "read by a worker" if slot["active"] else "NOT READ by any worker"
             click.echo(
-                f"logical slot {slot}: {state}, {st.slot['behind']} bytes of WAL not yet read, "
-                f"{st.slot['retained']} bytes retained"
+                f"logical slot {name}: {state}, {slot['behind']} bytes of WAL not yet read, "
+                f"{slot['retained']} bytes retained"
             )
 
 

@@ -27,6 +27,10 @@ class DatabaseUnavailable(DatabaseError):
     """The database is not there now (down, restarting, unreachable): worth waiting for."""
 
 
+class ListenError(SyncerError):
+    """observe.listen cannot be served (in use, no such address); the message names it."""
+
+
 class SchemaError(SyncerError):
     """The database does not match the configuration; the message says what and where."""
 
@@ -88,6 +92,7 @@ EXIT_OK = 0
 EXIT_ERROR = 1  # an error; also: the database cannot be reached, syncer is not installed
 EXIT_USAGE = 2  # the command line or the configuration is wrong
 EXIT_PROVIDER = 3  # a provider refuses every request, or a threshold was passed
+EXIT_THRESHOLD = 3  # `syncer status`: a --max-*/--min-*/--require-* threshold was passed
 
 # The one table from error to exit status; the nearest class in an error's MRO decides, and
 # an error that is not syncer's (OSError, asyncpg's, a bug) ends with EXIT_ERROR.

@@ -1,7 +1,10 @@
 """The numbered migrations of syncer's own schema, and the runner that applies them.
 
-sql/migrations/NNN_name.sql, numbered from 001 without gaps: file N takes the schema from
-version N-1 to N, and the highest number is the version this syncer needs (SCHEMA_VERSION).
+sql/migrations/NNN_name.sql, numbered upward from 001, each number once; the highest is the
+version this syncer reports (SCHEMA_VERSION). A number may be missing (migrations written on
+two branches at once land in either order): the runner applies, in order, every file whose
+number is not recorded in syncer.schema_version, so a file merged later with a lower number
+still runs, and a database is current only when every file's number is recorded.
 Adding a migration is adding a file. Per-pipeline objects are not migrated: install
 renders and re-creates them every time.
 """
@@ -37,12 +40,13 @@ def migrations() -> tuple[Migration, ...]:
             found.append(Migration(int(m.group(1)), f"migrations/{entry.name}"))
     found.sort(key=lambda m: m.version)
     numbers = [m.version for m in found]
-    if numbers != list(range(1, len(found) + 1)):
-        raise RuntimeError(f"sql/migrations/ must be numbered 001, 002, ... (found {numbers})")
+    if not numbers or numbers[0] < 1 or len(set(numbers)) != len(numbers):
+        raise RuntimeError(f"sql/migrations/ must be numbered 001, 002, ..., each once ({numbers})")
     return tuple(found)
 
 
-SCHEMA_VERSION = migrations()[-1].version
+VERSIONS = tuple(m.version for m in migrations())
+SCHEMA_VERSION = VERSIONS[-1]
 
 
 def _sql(name: str) -> str:
@@ -57,6 +61,14 @@ async def installed_version(conn: asyncpg.Connection) -> int | None:
     return int(v) if v is not None else None
 
 
+async def missing_versions(conn: asyncpg.Connection) -> list[int]:
+    """The migrations this syncer has and the database lacks (all of them: not installed)."""
+    if not await relation_exists(conn, "syncer.schema_version"):
+        return list(VERSIONS)
+    recorded = {r[0] for r in await conn.fetch(_sql("schema_versions_get"))}
+    return [v for v in VERSIONS if v not in recorded]
+
+
 async def migrate(conn: asyncpg.Connection, upto: int = SCHEMA_VERSION) -> list[int]:
     """Apply the migrations the database lacks, up to `upto`, in order; returns them.
 
@@ -69,7 +81,7 @@ async def migrate(conn: asyncpg.Connection, upto: int = SCHEMA_VERSION) -> list[
             break
         async with conn.transaction():
             await conn.execute(_sql("install_lock"))
-            if m.version <= (await installed_version(conn) or 0):
+            if m.version not in await missing_versions(conn):
                 continue
             await conn.execute(m.sql())
             await conn.execute(_sql("schema_version_record"), m.version)

@@ -68,6 +68,7 @@ def _values(p: PipelineConfig, key_columns: tuple[Column, ...]) -> dict[str, str
 
     return {
         "src": ident(p.schema_name, p.table_name),
+        "src_literal": literal(ident(p.schema_name, p.table_name)),
         "pipeline": literal(p.name),
         "fingerprint": literal(p.fingerprint() + ":"),
         "text_fn": fn("text"),

@@ -8,6 +8,9 @@ SELECT pg_advisory_xact_lock(hashtext('syncer.install'));
 -- schema_version_get --
 SELECT max(version) FROM syncer.schema_version;
 
+-- schema_versions_get --
+SELECT version FROM syncer.schema_version;
+
 -- schema_version_record --
 INSERT INTO syncer.schema_version (version) VALUES ($1);
 

@@ -184,3 +184,19 @@ WITH page AS (
 SELECT (SELECT count(*) FROM enqueued),
        (SELECT count(*) FROM page),
        (SELECT {key_json_p} FROM page p ORDER BY {key_cols_p_desc} LIMIT 1)::text;
+
+-- coverage --
+-- For `syncer status`: rows, rows with text, and of those the current (stored hash = the
+-- text's), the missing (no vector) and, by difference, the stale. $1: the percentage of
+-- the table's pages read (TABLESAMPLE SYSTEM; 100 reads all): a plain MVCC read, no lock
+-- beyond ACCESS SHARE, and a bounded cost on a large table (see syncer/status.py).
+SELECT count(*) AS rows,
+       count(*) FILTER (WHERE {text_fn}(s) IS NOT NULL) AS with_text,
+       count(*) FILTER (WHERE {text_fn}(s) IS NOT NULL
+                          AND {stored_hash} = {hash_fn}(s)) AS current,
+       count(*) FILTER (WHERE {text_fn}(s) IS NOT NULL AND {stored_hash} IS NULL) AS missing
+FROM {src} s TABLESAMPLE SYSTEM ($1) {target_join};
+
+-- coverage_estimate --
+-- The planner's row estimate of the source table (kept by ANALYZE and autovacuum).
+SELECT greatest(c.reltuples, 0)::bigint FROM pg_class c WHERE c.oid = {src_literal}::regclass;

@@ -42,7 +42,7 @@ SET leased_until = now() + make_interval(secs => $3),
     attempts = q.attempts + 1
 FROM claimable c
 WHERE q.id = c.id
-RETURNING q.id, q.key::text, q.attempts, q.lane;
+RETURNING q.id, q.key::text, q.attempts, q.lane, extract(epoch FROM now() - q.enqueued_at)::float8;
 
 -- inbox_move --
 -- Up to $1 captured keys from the inbox to the queue in one statement, duplicates folded
@@ -222,3 +222,47 @@ FROM syncer.dead_letters
 WHERE ($1::text IS NULL OR pipeline = $1)
 ORDER BY id DESC
 LIMIT $2;
+
+-- queue_gauges --
+-- One pipeline a row: its queue by state, the age of its oldest ready item and its dead
+-- letters, for /metrics and /readyz; run every few seconds by each process (monitor.Sampler),
+-- never per scrape. Captured keys still in the inbox count as ready.
+SELECT p.name,
+       count(q.id) FILTER (WHERE q.not_before <= now()
+                             AND (q.leased_until IS NULL OR q.leased_until < now()))
+         + (SELECT count(*) FROM syncer.inbox i WHERE i.pipeline = p.name) AS ready,
+       count(q.id) FILTER (WHERE q.leased_until >= now()) AS leased,
+       count(q.id) FILTER (WHERE q.not_before > now()
+                             AND (q.leased_until IS NULL OR q.leased_until < now())) AS delayed,
+       coalesce(extract(epoch FROM now() - min(q.enqueued_at) FILTER (
+           WHERE q.not_before <= now() AND (q.leased_until IS NULL OR q.leased_until < now())
+       )), 0)::float8 AS oldest_s,
+       (SELECT count(*) FROM syncer.dead_letters d WHERE d.pipeline = p.name) AS dead_letters,
+       p.paused_at IS NOT NULL AS paused
+FROM syncer.pipelines p LEFT JOIN syncer.queue q ON q.pipeline = p.name
+GROUP BY p.name ORDER BY p.name;
+
+-- runner_seen --
+-- A process is alive ($1 its worker id, $2 its pipelines), and each of them ($3) last
+-- committed a vector at $4 (NULL: not since the last time); runners gone an hour are dropped.
+WITH seen AS (
+    INSERT INTO syncer.runners (worker_id, pipelines) VALUES ($1, $2)
+    ON CONFLICT (worker_id) DO UPDATE SET seen_at = now(), pipelines = EXCLUDED.pipelines
+), gone AS (
+    DELETE FROM syncer.runners WHERE seen_at < now() - interval '1 hour'
+)
+UPDATE syncer.pipelines p
+SET last_write_at = greatest(p.last_write_at, w.at)
+FROM unnest($3::text[], $4::timestamptz[]) AS w(name, at)
+WHERE p.name = w.name AND w.at IS NOT NULL;
+
+-- runner_gone --
+DELETE FROM syncer.runners WHERE worker_id = $1;
+
+-- status_pipelines --
+-- `syncer status`: each pipeline's pause, last write and the runners seen in the last 30 s.
+SELECT p.name, p.paused_at IS NOT NULL AS paused, p.paused_at, p.last_write_at,
+       coalesce(array(SELECT r.worker_id FROM syncer.runners r
+                      WHERE p.name = ANY (r.pipelines) AND r.seen_at > now() - interval '30 s'
+                      ORDER BY r.worker_id), '{}') AS runners
+FROM syncer.pipelines p ORDER BY p.name;
