@@ -18,6 +18,7 @@ from syncer.capture import source_for
 from syncer.config import Config, PipelineConfig
 from syncer.db import Database, connect, ensure_vector_extension, wait_for_pool
 from syncer.errors import EXIT_PROVIDER, SchemaError
+from syncer.monitor import Monitor
 from syncer.observe import Events
 from syncer.providers import Embedder, make_embedder
 from syncer.schema import install as schema
@@ -153,13 +154,22 @@ async def run(
     exit_when_idle: bool,
     stop: asyncio.Event | None = None,
     events: Events | None = None,
+    listen: str | None = None,
 ) -> RunResult:
+    """`listen`: HOST:PORT of the HTTP endpoints (default observe.listen)."""
     stop = stop or asyncio.Event()
     result = RunResult(events or Events())
     loop = asyncio.get_running_loop()
+    pool: asyncpg.Pool | None = None
+    # First, so that an address in use ends the run before it claims anything.
+    monitor = Monitor(cfg, result.events, listen or cfg.observe.listen)
+    try:
+        await monitor.start()
+    except BaseException:
+        await monitor.close()
+        raise
     for sig in (signal.SIGTERM, signal.SIGINT):
         loop.add_signal_handler(sig, stop.set)
-    pool: asyncpg.Pool | None = None
     try:
         # A database that is down at start is waited for (logged), not a reason to exit.
         pool = await wait_for_pool(cfg.database, stop)
@@ -168,7 +178,7 @@ async def run(
         rendered = await Database(pool).call(_checked_all, cfg, pool)
         # Start-up objects live as long as the process: keep them out of every collection.
         gc.freeze()
-        worker = Worker(cfg, pool, embedders, rendered, result.events)
+        worker = Worker(cfg, pool, embedders, rendered, result.events, monitor)
         await worker.run(stop, exit_when_idle)
     except ProviderPaused as err:
         result.exit_code = EXIT_PROVIDER
@@ -176,6 +186,7 @@ async def run(
     finally:
         for sig in (signal.SIGTERM, signal.SIGINT):
             loop.remove_signal_handler(sig)
+        await monitor.close()
         for e in embedders.values():
             await e.close()
         if pool is not None:

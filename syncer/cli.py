@@ -73,9 +73,54 @@ def _guard(fn: Callable[[], T]) -> T:
         _fail(err)
 
 
+LOG_LEVELS = click.Choice(["debug", "info", "warning", "error"], case_sensitive=False)
+LOG_FORMATS = click.Choice(["json", "text"], case_sensitive=False)
+
+
+def _set_log(ctx: click.Context, param: click.Parameter, value: str | None) -> None:
+    """--log-format / --log-level, before or after the command's name: the last one given
+    wins over the config's [observe] (applied when the config is read)."""
+    if value is None:
+        return
+    root = ctx.find_root()
+    chosen: dict[str, str] = root.meta.setdefault("syncer.log", {})
+    chosen[str(param.name)] = value.lower()
+    setup_logging(chosen.get("log_level", "info"), chosen.get("log_format", "json") == "json")
+
+
+def _log_params() -> list[click.Parameter]:
+    return [
+        click.Option(
+            [name],
+            type=choice,
+            default=None,
+            expose_value=False,
+            is_eager=True,
+            callback=_set_log,
+            help=f"Overrides [observe] {name[2:].replace('-', '_')}.",
+        )
+        for name, choice in (("--log-format", LOG_FORMATS), ("--log-level", LOG_LEVELS))
+    ]
+
+
+class Command(click.Command):
+    """Every command takes --log-format and --log-level too (`syncer run --log-level debug`)."""
+
+    def __init__(self, *args: Any, **kwargs: Any) -> None:
+        super().__init__(*args, **kwargs)
+        self.params += _log_params()
+
+
 class Commands(click.Group):
     """syncer's command group: every command runs under _guard, and LAZY_COMMANDS are
     imported only when asked for."""
+
+    command_class = Command
+    group_class = type  # subgroups (dlq) are Commands too
+
+    def __init__(self, *args: Any, **kwargs: Any) -> None:
+        super().__init__(*args, **kwargs)
+        self.params += _log_params()
 
     def invoke(self, ctx: click.Context) -> Any:
         return _guard(functools.partial(super().invoke, ctx))
@@ -87,15 +132,22 @@ class Commands(click.Group):
         if cmd_name not in LAZY_COMMANDS:
             return super().get_command(ctx, cmd_name)
         command: click.Command = getattr(importlib.import_module(LAZY_COMMANDS[cmd_name]), cmd_name)
+        if not any(p.name == "log_level" for p in command.params):
+            command.params += _log_params()
         return command
 
 
 class Ctx:
-    def __init__(self, path: Path) -> None:
+    def __init__(self, path: Path, chosen_log: dict[str, str]) -> None:
         self.path = path
+        self.chosen_log = chosen_log  # what --log-format / --log-level said
 
     def config(self) -> Config:
-        return config_mod.load(self.path)
+        cfg = config_mod.load(self.path)
+        obs = cfg.observe
+        level = self.chosen_log.get("log_level", obs.log_level)
+        setup_logging(level, self.chosen_log.get("log_format", obs.log_format) == "json")
+        return cfg
 
 
 @click.group(cls=Commands)
@@ -108,12 +160,13 @@ class Ctx:
     show_default=True,
     help="The TOML configuration file.",
 )
-@click.option("--log-level", default="info", show_default=True)
 @click.pass_context
-def main(ctx: click.Context, config_path: Path, log_level: str) -> None:
+def main(ctx: click.Context, config_path: Path) -> None:
     """Keeps pgvector embeddings in sync with the rows they are computed from."""
-    setup_logging(log_level)
-    ctx.obj = Ctx(config_path)
+    chosen: dict[str, str] = ctx.meta.setdefault("syncer.log", {})
+    if not chosen:
+        setup_logging()
+    ctx.obj = Ctx(config_path, chosen)
 
 
 @main.command()
@@ -156,12 +209,19 @@ def backfill(obj: Ctx, pipeline: str | None, everything: bool) -> None:
 @click.option(
     "--exit-when-idle", is_flag=True, help="Drain the queue, then exit 0 (for jobs and tests)."
 )
+@click.option(
+    "--listen",
+    default=None,
+    metavar="HOST:PORT",
+    callback=lambda _c, _p, v: _listen(v),
+    help="Serve /metrics, /healthz and /readyz here (overrides [observe] listen).",
+)
 @click.pass_obj
-def run(obj: Ctx, exit_when_idle: bool) -> None:
+def run(obj: Ctx, exit_when_idle: bool, listen: str | None) -> None:
     """Run every configured pipeline until SIGTERM or SIGINT."""
     cfg = obj.config()
     embedders = app.make_embedders(cfg, obj.path)
-    result = _run_async(app.run(cfg, embedders, exit_when_idle))
+    result = _run_async(app.run(cfg, embedders, exit_when_idle, listen=listen))
     for name, s in sorted(result.events.stats.items()):
         click.echo(
             f"pipeline {name}: embedded {s.embedded}, unchanged {s.unchanged}, "
@@ -171,6 +231,15 @@ def run(obj: Ctx, exit_when_idle: bool) -> None:
     if result.message:
         click.echo(result.message, err=True)
     sys.exit(result.exit_code)
+
+
+def _listen(value: str | None) -> str | None:
+    if value is not None:
+        try:
+            config_mod.parse_listen(value)
+        except ValueError as err:
+            raise click.BadParameter(str(err), param_hint="'--listen'") from None
+    return value
 
 
 @main.command()

@@ -129,6 +129,49 @@ class CaptureConfig(_Model):
         return v
 
 
+def parse_listen(value: str) -> tuple[str, int]:
+    """HOST:PORT (an IPv6 host in brackets) -> (host, port); ValueError says what is wrong."""
+    host, sep, port = value.rpartition(":")
+    if not sep or not host:
+        raise ValueError(f"must be HOST:PORT, like 0.0.0.0:9187 (got {value!r})")
+    if not port.isdigit() or not 0 < int(port) < 65536:
+        raise ValueError(f"the port must be a number from 1 to 65535 (got {port!r})")
+    host = host.removeprefix("[").removesuffix("]")
+    if not host or any(c.isspace() or c in "/[]" for c in host):
+        raise ValueError(f"the host must be a name or an address (got {host!r})")
+    return host, int(port)
+
+
+class OtelConfig(_Model):
+    """OpenTelemetry export (the `syncer[otel]` extra); unset endpoint: off."""
+
+    endpoint: str | None = None
+    service_name: str = "syncer"
+
+
+class ObserveConfig(_Model):
+    """What an operator sees: the HTTP endpoints, the logs, the event loop's diagnostics."""
+
+    listen: str | None = None  # HOST:PORT of /metrics, /healthz and /readyz; None: no server
+    log_format: Literal["json", "text"] = "json"
+    log_level: Literal["debug", "info", "warning", "error"] = "info"
+    slow_callback_s: float = Field(default=0.1, gt=0)  # loop.slow_callback_duration
+    loop_lag_warn_s: float = Field(default=0.05, gt=0)  # above it for 10 s: /healthz fails
+    otel: OtelConfig = OtelConfig()
+
+    @field_validator("listen")
+    @classmethod
+    def _listen(cls, v: str | None) -> str | None:
+        if v is not None:
+            parse_listen(v)
+        return v
+
+    @field_validator("log_format", "log_level", mode="before")
+    @classmethod
+    def _lower(cls, v: Any) -> Any:
+        return v.lower() if isinstance(v, str) else v
+
+
 class PipelineConfig(_Model):
     name: str
     table: str
@@ -198,6 +241,7 @@ class Config(_Model):
     database: DatabaseConfig = DatabaseConfig()
     worker: WorkerConfig = WorkerConfig()
     capture: CaptureConfig = CaptureConfig()
+    observe: ObserveConfig = ObserveConfig()
     providers: dict[str, ProviderConfig]
     pipelines: tuple[PipelineConfig, ...]
 

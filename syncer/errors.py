@@ -27,6 +27,10 @@ class DatabaseUnavailable(DatabaseError):
     """The database is not there now (down, restarting, unreachable): worth waiting for."""
 
 
+class ListenError(SyncerError):
+    """observe.listen cannot be served (in use, no such address); the message names it."""
+
+
 class SchemaError(SyncerError):
     """The database does not match the configuration; the message says what and where."""
 

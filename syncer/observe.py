@@ -12,7 +12,7 @@ import logging
 import sys
 import time
 from collections import defaultdict
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 
 import orjson
@@ -59,7 +59,70 @@ class Failed:
     error: str
 
 
-Event = Claimed | InFlightChanged | ApiRequest | Finished | Failed
+@dataclass(frozen=True, slots=True)
+class Written:
+    """One write transaction committed: `n` vectors; `ages_s`, each item's time since it
+    was queued (the change-to-vector latency)."""
+
+    pipeline: str
+    n: int
+    seconds: float
+    ages_s: tuple[float, ...] = ()
+
+
+@dataclass(frozen=True, slots=True)
+class RateLimitWaited:
+    provider: str
+    seconds: float  # how long a request waited for its turn under the limits
+
+
+@dataclass(frozen=True, slots=True)
+class TokensUsed:
+    provider: str
+    n: int  # the provider's own count
+
+
+@dataclass(frozen=True, slots=True)
+class QueueSampled:
+    """One pipeline's queue, as the sampler's periodic query found it."""
+
+    pipeline: str
+    ready: int
+    leased: int
+    delayed: int
+    oldest_s: float  # age of the oldest ready item; 0 when none is ready
+    dead_letters: int
+    paused: bool = False
+
+
+@dataclass(frozen=True, slots=True)
+class ProcessSampled:
+    """The process's own state, sampled with the queue: pool, breakers, slot lag."""
+
+    pool_in_use: int
+    pool_idle: int
+    breakers_open: tuple[tuple[str, bool], ...] = ()
+    slot_lag_bytes: int | None = None
+
+
+@dataclass(frozen=True, slots=True)
+class LoopLag:
+    seconds: float
+
+
+Event = (
+    Claimed
+    | InFlightChanged
+    | ApiRequest
+    | Finished
+    | Failed
+    | Written
+    | RateLimitWaited
+    | TokensUsed
+    | QueueSampled
+    | ProcessSampled
+    | LoopLag
+)
 Handler = Callable[[Event], None]
 
 
@@ -95,12 +158,57 @@ API_SECONDS = Histogram(
     ["provider"],
     buckets=(0.05, 0.1, 0.2, 0.5, 1, 2, 5, 10, 30, 60),
 )
+API_TOKENS = Counter("syncer_api_tokens_total", "Tokens the provider says it counted", ["provider"])
+RATE_LIMITED = Counter("syncer_rate_limited_total", "429 answers", ["provider"])
+RATE_LIMIT_WAIT = Histogram(
+    "syncer_rate_limit_wait_seconds",
+    "Time a request waited for its turn under the rate limits",
+    ["provider"],
+    buckets=(0.001, 0.01, 0.05, 0.1, 0.5, 1, 5, 15, 60),
+)
+BREAKER_OPEN = Gauge("syncer_breaker_open", "1 while the provider's breaker is open", ["provider"])
+WRITE_SECONDS = Histogram(
+    "syncer_write_seconds",
+    "Vector write transaction duration",
+    ["pipeline"],
+    buckets=(0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 10),
+)
+VECTORS_WRITTEN = Counter("syncer_vectors_written_total", "Vectors committed", ["pipeline"])
+CHANGE_TO_VECTOR = Histogram(
+    "syncer_change_to_vector_seconds",
+    "From the queued change to the committed vector",
+    ["pipeline"],
+    buckets=(0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 30, 60, 300, 900, 3600),
+)
+QUEUE_DEPTH = Gauge("syncer_queue_depth", "Queue items by state", ["pipeline", "state"])
+QUEUE_OLDEST = Gauge("syncer_queue_oldest_seconds", "Age of the oldest ready item", ["pipeline"])
+DEAD_LETTERS = Gauge("syncer_dead_letters", "Items in the dead-letter table", ["pipeline"])
+PAUSED = Gauge("syncer_pipeline_paused", "1 while the pipeline is paused", ["pipeline"])
+POOL = Gauge("syncer_db_pool_connections", "The worker's pool", ["state"])
+LOOP_LAG = Gauge("syncer_event_loop_lag_seconds", "How late the event loop ran a timer")
+SLOT_LAG = Gauge("syncer_slot_lag_bytes", "WAL the logical slot has not confirmed yet")
 IN_FLIGHT = Gauge("syncer_in_flight_items", "Claimed items not yet finished", ["pipeline"])
 CLAIMS = Counter("syncer_claims_total", "Claim queries", ["pipeline"])
 
 
 def prometheus(event: Event) -> None:
     match event:
+        case QueueSampled():
+            _queue_sampled(event)
+        case ProcessSampled():
+            _process_sampled(event)
+        case Written(pipeline, n, seconds, ages_s):
+            WRITE_SECONDS.labels(pipeline).observe(seconds)
+            VECTORS_WRITTEN.labels(pipeline).inc(n)
+            hist = CHANGE_TO_VECTOR.labels(pipeline)
+            for age_s in ages_s:
+                hist.observe(age_s)
+        case RateLimitWaited(provider, seconds):
+            RATE_LIMIT_WAIT.labels(provider).observe(seconds)
+        case TokensUsed(provider, n):
+            API_TOKENS.labels(provider).inc(n)
+        case LoopLag(seconds):
+            LOOP_LAG.set(seconds)
         case Claimed(pipeline):
             CLAIMS.labels(pipeline).inc()
         case InFlightChanged(pipeline, n):
@@ -110,8 +218,46 @@ def prometheus(event: Event) -> None:
             API_SECONDS.labels(provider).observe(seconds)
             if result == "ok":
                 API_INPUTS.labels(provider).inc(n_inputs)
+            elif result == "rate_limited":
+                RATE_LIMITED.labels(provider).inc()
         case Finished(pipeline, outcome, n) | Failed(pipeline, outcome, n) if n:
             ROWS.labels(pipeline, outcome).inc(n)
+
+
+def _queue_sampled(e: QueueSampled) -> None:
+    for state, n in (("ready", e.ready), ("leased", e.leased), ("delayed", e.delayed)):
+        QUEUE_DEPTH.labels(e.pipeline, state).set(n)
+    QUEUE_OLDEST.labels(e.pipeline).set(e.oldest_s)
+    DEAD_LETTERS.labels(e.pipeline).set(e.dead_letters)
+    PAUSED.labels(e.pipeline).set(int(e.paused))
+
+
+def _process_sampled(e: ProcessSampled) -> None:
+    POOL.labels("in_use").set(e.pool_in_use)
+    POOL.labels("idle").set(e.pool_idle)
+    for provider, is_open in e.breakers_open:
+        BREAKER_OPEN.labels(provider).set(int(is_open))
+    if e.slot_lag_bytes is not None:
+        SLOT_LAG.set(e.slot_lag_bytes)
+
+
+def declare(pipelines: Sequence[str], providers: Sequence[str]) -> None:
+    """Every labelled series at zero from the start, so that rates and alerts see the first
+    increase, and a scrape lists every metric of every pipeline before anything happens."""
+    for p in pipelines:
+        for outcome in ("embedded", "unchanged", "cleared", "stale", "retried", "dead_lettered"):
+            ROWS.labels(p, outcome)
+        for m in (VECTORS_WRITTEN, WRITE_SECONDS, CHANGE_TO_VECTOR, QUEUE_OLDEST, DEAD_LETTERS):
+            m.labels(p)
+        PAUSED.labels(p)
+        for state in ("ready", "leased", "delayed"):
+            QUEUE_DEPTH.labels(p, state)
+    for name in providers:
+        for m in (API_INPUTS, API_TOKENS, API_SECONDS, RATE_LIMITED, RATE_LIMIT_WAIT, BREAKER_OPEN):
+            m.labels(name)
+        API_REQUESTS.labels(name, "ok")
+    for state in ("in_use", "idle"):
+        POOL.labels(state)
 
 
 # --- in-process stats ---------------------------------------------------------------------

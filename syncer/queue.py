@@ -15,6 +15,7 @@ class Item:
     id: int
     key: str  # the key as canonical jsonb text; opaque to Python
     attempts: int  # counted at claim time
+    age_s: float = 0.0  # since it was queued, at claim time
 
 
 @dataclass(frozen=True)
@@ -38,7 +39,7 @@ class Queue:
         rows = await self.pool.fetch(
             query("queue_claim"), pipeline, limit, self.lease_s, self.worker_id
         )
-        return sorted((Item(r[0], r[1], r[2]) for r in rows), key=lambda i: i.id)
+        return sorted((Item(r[0], r[1], r[2], r[3]) for r in rows), key=lambda i: i.id)
 
     @staticmethod
     async def complete(

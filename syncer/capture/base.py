@@ -24,6 +24,8 @@ class CaptureSide:
     listener: asyncio.Task[None]
     feeder: asyncio.Task[None]
     caught_up: Callable[[], Awaitable[bool]]  # has everything captured so far been queued?
+    # For /readyz: "reading" or "standing_by" the slot (else why not); "n/a" without one.
+    state: Callable[[], str] = lambda: "n/a"
 
 
 async def always_caught_up() -> bool:

@@ -88,6 +88,12 @@ class SlotReader:
             # The thread may be waiting on this loop for an enqueue: let it finish.
             await asyncio.shield(thread)
 
+    def state(self) -> str:
+        """For /readyz: this replica reads the slot, stands by, or neither yet."""
+        if self.streaming:
+            return "reading"
+        return "standing_by" if self.standing_by else "connecting to the slot"
+
     async def caught_up(self) -> bool:
         """Has this reader queued every change committed before now? (--exit-when-idle)"""
         if self.standing_by:
@@ -312,7 +318,10 @@ class LogicalCapture:
         listen_task = start_listener(self.cfg.database.url, worker_handlers(wakeups), stop)
         reader = SlotReader(self.cfg, db.pool, rendered, wakeups)
         return CaptureSide(
-            listen_task, asyncio.create_task(reader.run(stop), name="slot-reader"), reader.caught_up
+            listen_task,
+            asyncio.create_task(reader.run(stop), name="slot-reader"),
+            reader.caught_up,
+            reader.state,
         )
 
     async def status(self, conn: asyncpg.Connection) -> asyncpg.Record | None:

@@ -13,6 +13,7 @@ from __future__ import annotations
 import asyncio
 import logging
 import time
+from collections.abc import Callable
 
 import aiohttp
 import numpy as np
@@ -26,6 +27,7 @@ from syncer.errors import (
     RateLimitedError,
     RetryableError,
 )
+from syncer.observe import Event, RateLimitWaited, TokensUsed
 from syncer.providers.base import Answer, EmbedRequest, Provider, Vectors, dimension_error
 from syncer.providers.limits import CircuitBreaker, ProviderLimiter
 
@@ -54,6 +56,7 @@ class GuardedClient:
         self.refused_error: str | None = None
         self._dimension_errors = 0
         self._last_error = ""
+        self.emit: Callable[[Event], None] = _nobody  # the process's bus, once it runs
 
     def _client(self) -> aiohttp.ClientSession:
         if self._session is None:
@@ -93,7 +96,9 @@ class GuardedClient:
             raise CircuitOpenError(
                 f"provider {self.name}: circuit open after: {self._last_error}", wait_s
             )
+        asked = time.perf_counter()
         async with self.limiter.slot(req.tokens) as reservation:
+            self.emit(RateLimitWaited(self.name, time.perf_counter() - asked))
             try:
                 answer = await self._post_with_fallback(req)
             except RateLimitedError as err:
@@ -120,6 +125,7 @@ class GuardedClient:
                 raise
             if answer.used_tokens is not None:
                 reservation.settle(answer.used_tokens)
+                self.emit(TokensUsed(self.name, answer.used_tokens))
             self._dimension_errors = 0
             self.refused_error = None
             self.limiter.on_success()
@@ -175,6 +181,10 @@ class GuardedClient:
         answer = self.provider.answer(raw, req)
         check_vectors(self.name, answer.vectors, req)
         return answer
+
+
+def _nobody(_event: Event) -> None:
+    pass
 
 
 def check_vectors(provider: str, vectors: Vectors, req: EmbedRequest) -> None:

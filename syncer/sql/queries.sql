@@ -18,7 +18,7 @@ SET leased_until = now() + make_interval(secs => $3),
     attempts = q.attempts + 1
 FROM claimable c
 WHERE q.id = c.id
-RETURNING q.id, q.key::text, q.attempts;
+RETURNING q.id, q.key::text, q.attempts, extract(epoch FROM now() - q.enqueued_at)::float8;
 
 -- inbox_move --
 -- Up to $1 captured keys from the inbox to the queue in one statement, duplicates folded
@@ -175,3 +175,21 @@ FROM syncer.dead_letters
 WHERE ($1::text IS NULL OR pipeline = $1)
 ORDER BY id DESC
 LIMIT $2;
+
+-- queue_gauges --
+-- One pipeline a row: its queue by state, the age of its oldest ready item and its dead
+-- letters, for /metrics and /readyz; run every few seconds by each process (monitor.Sampler),
+-- never per scrape. Captured keys still in the inbox count as ready.
+SELECT p.name,
+       count(q.id) FILTER (WHERE q.not_before <= now()
+                             AND (q.leased_until IS NULL OR q.leased_until < now()))
+         + (SELECT count(*) FROM syncer.inbox i WHERE i.pipeline = p.name) AS ready,
+       count(q.id) FILTER (WHERE q.leased_until >= now()) AS leased,
+       count(q.id) FILTER (WHERE q.not_before > now()
+                             AND (q.leased_until IS NULL OR q.leased_until < now())) AS delayed,
+       coalesce(extract(epoch FROM now() - min(q.enqueued_at) FILTER (
+           WHERE q.not_before <= now() AND (q.leased_until IS NULL OR q.leased_until < now())
+       )), 0)::float8 AS oldest_s,
+       (SELECT count(*) FROM syncer.dead_letters d WHERE d.pipeline = p.name) AS dead_letters
+FROM syncer.pipelines p LEFT JOIN syncer.queue q ON q.pipeline = p.name
+GROUP BY p.name ORDER BY p.name;

@@ -28,7 +28,6 @@ from types import FrameType
 import asyncpg
 import click
 import uvloop
-from click.core import ParameterSource
 
 from syncer import app
 from syncer import config as config_mod
@@ -322,8 +321,7 @@ def interrupt(_signum: int, _frame: FrameType | None) -> None:
 def quiet_logs(ctx: click.Context) -> None:
     """Warnings only, as plain lines, unless `syncer --log-level` was given explicitly."""
     warnings.filterwarnings("ignore", category=UserWarning, module="platformdirs")
-    parent = ctx.parent
-    if parent is None or parent.get_parameter_source("log_level") != ParameterSource.COMMANDLINE:
+    if "log_level" not in ctx.find_root().meta.get("syncer.log", {}):
         setup_logging("warning", json_logs=False)
 
 

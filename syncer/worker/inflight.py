@@ -4,6 +4,7 @@ embedding serves, so that an item for the same text joins it instead of paying a
 from __future__ import annotations
 
 import asyncio
+import time
 from collections.abc import Callable, Iterable, Sequence
 
 from syncer.queue import Item
@@ -15,6 +16,7 @@ MAX_SUSPECTS = 10_000
 class InFlight:
     def __init__(self, on_change: Callable[[int], None]) -> None:
         self.attempts: dict[int, int] = {}  # item id -> its attempts, counted at claim
+        self.queued_at: dict[int, float] = {}  # item id -> when it was queued (monotonic)
         self.freed = asyncio.Event()  # set whenever items finish
         # Text being embedded -> the items its vector completes. The list is the identity of
         # one embedding: an item joins by appending itself; a later embedding of the same
@@ -33,13 +35,20 @@ class InFlight:
 
     def add(self, items: Iterable[Item]) -> None:
         self.attempts.update((i.id, i.attempts) for i in items)
+        now = time.monotonic()
+        self.queued_at.update((i.id, now - i.age_s) for i in items)
         self._on_change(len(self.attempts))
 
     def finish(self, ids: Sequence[int]) -> None:
         for i in ids:
             self.attempts.pop(i, None)
+            self.queued_at.pop(i, None)
         self._on_change(len(self.attempts))
         self.freed.set()
+
+    def ages_s(self, ids: Sequence[int]) -> tuple[float, ...]:
+        now = time.monotonic()
+        return tuple(now - self.queued_at[i] for i in ids if i in self.queued_at)
 
     async def drained(self) -> None:
         while self.attempts:

@@ -14,8 +14,9 @@ import asyncpg
 from syncer.capture import source_for, start_capture_side
 from syncer.config import Config
 from syncer.db import Database
+from syncer.monitor import Monitor
 from syncer.observe import Events
-from syncer.providers import Embedder
+from syncer.providers import Embedder, GuardedClient
 from syncer.queue import Queue
 from syncer.schema.render import PipelineSQL
 from syncer.targets import store_for
@@ -34,8 +35,14 @@ class Worker:
         embedders: dict[str, Embedder],
         rendered: dict[str, PipelineSQL],
         events: Events,
+        monitor: Monitor | None = None,
     ) -> None:
         self.cfg = cfg
+        self.monitor = monitor
+        self.embedders = embedders
+        for e in embedders.values():
+            if isinstance(e, GuardedClient):
+                e.emit = events.emit
         self.pool = pool
         self.events = events
         self.worker_id = f"{socket.gethostname()}:{os.getpid()}:{uuid.uuid4().hex[:8]}"
@@ -70,6 +77,11 @@ class Worker:
         runs = [
             asyncio.create_task(r.run(stop, exit_when_idle), name=r.p.name) for r in self.runners
         ]
+        if self.monitor is not None:
+            source = source_for(self.cfg)
+            self.monitor.attach(
+                self.db, side, [*runs, listener, feeder], self.embedders, source.status
+            )
         log.info(
             "worker started",
             extra={"worker_id": self.worker_id, "pipelines": [r.p.name for r in self.runners]},

@@ -4,10 +4,11 @@ the items that joined a vector while it was being written."""
 from __future__ import annotations
 
 import asyncio
+import time
 from collections.abc import Iterable
 
 from syncer.db import Database
-from syncer.observe import Events, Finished
+from syncer.observe import Events, Finished, Written
 from syncer.targets.store import VectorStore, WriteBatch
 from syncer.worker.inflight import InFlight
 
@@ -36,7 +37,11 @@ class Writer:
             batch = await self.write_q.get()
             while not self.write_q.empty() and len(batch) < MAX_WRITE_ROWS:
                 batch.extend(self.write_q.get_nowait())
+            started = time.perf_counter()
             written = await self.db.call(self.store.write, batch)
+            elapsed_s = time.perf_counter() - started
+            ages_s = self.in_flight.ages_s(batch.done_ids)
+            self.events.emit(Written(self.pipeline, written, elapsed_s, ages_s))
             # Vectors the hash guard refused: the text changed and a newer item follows.
             batch.outcomes["stale"] += max(0, len(batch.keys) - written)
             self._finished(batch.outcomes.items())
