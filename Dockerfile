@@ -11,9 +11,6 @@ FROM ${BASE} AS build
 # A build behind a TLS-inspecting proxy passes the CA bundle it mounted (PIP_CERT=path).
 ARG PIP_CERT=""
 ENV PIP_NO_CACHE_DIR=1 PIP_DISABLE_PIP_VERSION_CHECK=1 PIP_ROOT_USER_ACTION=ignore
-WORKDIR /src
-COPY pyproject.toml README.md ./
-COPY syncer ./syncer
 SHELL ["/bin/sh", "-eu", "-c"]
 # binutils, for strip, in this stage only: the wheels' extension modules carry symbols that
 # make up ~20 MB of the final image. Not the vendored libraries in *.libs/: auditwheel
@@ -23,6 +20,9 @@ SHELL ["/bin/sh", "-eu", "-c"]
 RUN apt-get update -qq \
     && apt-get install -y -qq --no-install-recommends binutils > /dev/null \
     && rm -rf /var/lib/apt/lists/*
+WORKDIR /src
+COPY pyproject.toml README.md ./
+COPY syncer ./syncer
 RUN if [ -z "$PIP_CERT" ]; then unset PIP_CERT; fi; \
     python3 -m venv /opt/syncer; \
     /opt/syncer/bin/pip install --no-compile .; \
