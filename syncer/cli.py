@@ -1,4 +1,4 @@
-"""`syncer install · run · backfill · status · uninstall · demo`."""
+"""`syncer install · run · backfill · status · uninstall · roles · demo`."""
 
 from __future__ import annotations
 
@@ -325,6 +325,25 @@ def status_table(cfg: Config, pipelines: list[PipelineStatus], slot: Any) -> Non
                 f"logical slot {name}: {state}, {slot['behind']} bytes of WAL not yet read, "
                 f"{slot['retained']} bytes retained"
             )
+
+
+@main.command()
+@click.option(
+    "--mode",
+    type=click.Choice(["trigger", "logical"]),
+    default=None,
+    help="The capture mode to grant for (default: the config's [capture] mode).",
+)
+@click.option("--install-role", default="syncer_install", show_default=True)
+@click.option("--run-role", default="syncer_run", show_default=True)
+@click.pass_obj
+def roles(obj: Ctx, mode: str | None, install_role: str, run_role: str) -> None:
+    """Print the SQL that creates least-privileged roles for install and run."""
+    from syncer import roles as roles_mod
+
+    cfg = obj.config()
+    chosen: roles_mod.Mode = "logical" if (mode or cfg.capture.mode) == "logical" else "trigger"
+    click.echo(roles_mod.render(cfg, chosen, roles_mod.RoleNames(install_role, run_role)), nl=False)
 
 
 @main.command("replay-dlq")

