@@ -32,7 +32,7 @@ def test_backfill_queues_only_missing_or_stale_rows(
     r = syncer(config, "status")
     assert r.returncode == 0
     line = next(x for x in r.stdout.splitlines() if x.startswith("docs"))
-    assert line.split()[1] == "12000"
+    assert line.split()[2] == "12000"  # pipeline, state, queued
     assert syncer(config, "run", "--exit-when-idle").returncode == 0
     assert assert_synced(db) == 12001
 

@@ -123,8 +123,9 @@ def test_workers_ride_through_restarts(
         assert w.stop() == 0, w.stderr()[-3000:]
     logs = "".join(w.stderr() for w in workers)
     assert "Traceback" not in logs and "never retrieved" not in logs, logs[-3000:]
-    assert "database unavailable; waiting for it" in logs
-    assert "database is back" in logs
+    # A restart between two statements is absorbed by the pool's reconnect; one that cuts a
+    # statement is waited out, and then its end is said too.
+    assert logs.count("database unavailable; waiting for it") == logs.count("database is back")
 
 
 def test_start_up_while_the_database_is_down(
