@@ -103,7 +103,8 @@ class Dispatcher:
             await self.failures.route(too_long)
         suspects = self.in_flight.suspects
         alone = [i for i, r in enumerate(kept) if (r.key, r.hash or b"") in suspects]
-        others = [i for i in range(len(kept)) if i not in set(alone)] if alone else None
+        lone = set(alone)
+        others = [i for i in range(len(kept)) if i not in lone] if alone else None
         requests = [[i] for i in alone]
         if others is None:
             requests += pack_requests(tokens, self.request_inputs, self.max_tokens_per_request)
