@@ -114,6 +114,17 @@ T = TypeVar("T")
 P = ParamSpec("P")
 
 
+async def retry_aborts(fn: Callable[P, Awaitable[T]], *args: P.args, **kwargs: P.kwargs) -> T:
+    """`await fn(*args, **kwargs)`, run again while PostgreSQL aborts it for a deadlock or a
+    serialization failure: two transactions locked rows in opposite orders (a write
+    finishing its items while the capture marks them), and the aborted one may simply rerun."""
+    while True:
+        try:
+            return await fn(*args, **kwargs)
+        except RETRY_NOW:
+            await asyncio.sleep(random.uniform(0, RETRY_NOW_MAX_S))
+
+
 class Database:
     """The pool, and what every stage does when the database goes away: wait until it is
     back, then run its statement again. Every statement syncer runs on its own tables and
@@ -135,11 +146,7 @@ class Database:
         while True:
             await self.up.wait()
             try:
-                return await fn(*args, **kwargs)
-            except RETRY_NOW:
-                # Two transactions locked rows in opposite orders (a write finishing its
-                # items while the capture marks them): the one PostgreSQL aborted runs again.
-                await asyncio.sleep(random.uniform(0, RETRY_NOW_MAX_S))
+                return await retry_aborts(fn, *args, **kwargs)
             except LOST as err:
                 self.lost(err)
 

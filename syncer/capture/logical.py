@@ -22,7 +22,6 @@ import asyncio
 import contextlib
 import logging
 import os
-import random
 import select
 import threading
 import time
@@ -38,7 +37,7 @@ from syncer.capture.notify import start_listener, worker_handlers
 from syncer.capture.pgoutput import Changes, Decoder
 from syncer.capture.trigger import drop_triggers, move_inbox
 from syncer.config import CaptureConfig, Config, PipelineConfig
-from syncer.db import RETRY_NOW, RETRY_NOW_MAX_S, Database
+from syncer.db import Database, retry_aborts
 from syncer.errors import SchemaError, SlotError
 from syncer.schema.catalog import key_columns
 from syncer.schema.render import PipelineSQL
@@ -219,12 +218,7 @@ class SlotReader:
         if not await self._wait_visible(changes.xids, halt):
             return False
         keys = changes.keys
-        while True:
-            try:
-                await self._enqueue_once(changes)
-                break
-            except RETRY_NOW:  # opposite lock orders with a write finishing the same items
-                await asyncio.sleep(random.uniform(0, RETRY_NOW_MAX_S))
+        await retry_aborts(self._enqueue_once, changes)
         for name in keys:
             event = self.wakeups.get(name)
             if event is not None:
