@@ -4,7 +4,7 @@
 # under podman-compose, inserts, updates and deletes rows and checks every vector, checks
 # /metrics and /readyz through the published port, the bad-input cases (no config, no API
 # key, no database), SIGTERMs the syncer and checks it stops cleanly within its grace period,
-# and tears everything down. Needs root and nothing installed beforehand; ~4 minutes.
+# and tears everything down. Needs root and nothing installed beforehand; ~4-5 minutes.
 #
 #   sudo deploy/smoke.sh          (KEEP=1 leaves the stack up for a look)
 set -euo pipefail
