@@ -188,10 +188,10 @@ class ChunkingConfig(_Model):
 
     @model_validator(mode="after")
     def _sizes(self) -> ChunkingConfig:
-        if self.overlap >= self.size:
-            raise _KeyError("overlap", f"must be less than size ({self.size}), got {self.overlap}")
         if self.unit == "tokens" and self.size < MIN_CHUNK_TOKENS:
             raise _KeyError("size", f"must be at least {MIN_CHUNK_TOKENS} tokens, got {self.size}")
+        if self.overlap >= self.size:
+            raise _KeyError("overlap", f"must be less than size ({self.size}), got {self.overlap}")
         return self
 
 

@@ -3,17 +3,35 @@
 from __future__ import annotations
 
 import random
+from pathlib import Path
 from typing import Any
 
 import numpy as np
 import psycopg
 import pytest
 
+from syncer import config as config_mod
+from syncer.errors import ConfigError
 from syncer.testing.fake_embedder import FakeEmbedderProcess, fake_vector
-from tests.conftest import DEFAULT_PIPELINE, start_syncer, syncer, wait_for
+from tests.conftest import DEFAULT_PIPELINE, syncer
 
 DIM = 8
-WORDS = "alpha beta gamma delta epsilon zeta eta theta iota kappa lambda mu nu xi".split()
+WORDS = [
+    "alpha",
+    "beta",
+    "gamma",
+    "delta",
+    "epsilon",
+    "zeta",
+    "eta",
+    "theta",
+    "iota",
+    "kappa",
+    "lambda",
+    "mu",
+    "nu",
+    "xi",
+]
 
 
 def chunks_pipeline(**over: Any) -> dict[str, Any]:
@@ -30,9 +48,7 @@ def chunks_pipeline(**over: Any) -> dict[str, Any]:
 def chunking(config_path: Any, size: int = 40, overlap: int = 0, unit: str = "characters") -> None:
     """Append a [pipelines.chunking] table to the config's (only) pipeline."""
     with open(config_path, "a") as f:
-        f.write(
-            f'\n[pipelines.chunking]\nunit = "{unit}"\nsize = {size}\noverlap = {overlap}\n'
-        )
+        f.write(f'\n[pipelines.chunking]\nunit = "{unit}"\nsize = {size}\noverlap = {overlap}\n')
 
 
 def paragraph(rng: random.Random, n_words: int = 30) -> str:
@@ -154,3 +170,121 @@ def test_edit_reembeds_only_changed_chunks(
     drain(config)
     assert db.execute("SELECT count(*) FROM docs_chunks").fetchone() == (0,)
     assert db.execute("SELECT count(*) FROM syncer.queue").fetchone() == (0,)
+
+
+def test_template_copy_columns_and_halfvec(
+    db: psycopg.Connection[Any], make_config: Any, fake: FakeEmbedderProcess
+) -> None:
+    create_docs(db)
+    db.execute("ALTER TABLE docs ALTER COLUMN author TYPE bigint")
+    config = make_config(
+        chunks_pipeline(
+            template="{title}: {chunk}",
+            copy_columns=["tag", "author"],
+            vector_type="halfvec",
+        )
+    )
+    chunking(config, size=120)
+    body = "\n\n".join(document(2, 12))
+    db.execute("INSERT INTO docs VALUES (1, 'Guide', %s, 'red', 7)", (body,))
+    install_and_drain(config)
+    types = dict(
+        db.execute(
+            "SELECT attname, format_type(atttypid, atttypmod) FROM pg_attribute "
+            "WHERE attrelid = 'docs_chunks'::regclass AND attnum > 0"
+        ).fetchall()
+    )
+    assert types["embedding"] == f"halfvec({DIM})" and types["author"] == "bigint"
+    n = db.execute("SELECT count(*) FROM docs_chunks").fetchone()[0]
+    assert len(fake.inputs()) == n > 3
+    assert all(t.startswith("Guide: ") for t in fake.inputs())
+    rows = db.execute("SELECT chunk, embedding, tag, author FROM docs_chunks").fetchall()
+    for chunk, emb, tag, author in rows:
+        assert (tag, author) == ("red", 7)
+        got = np.asarray(emb.to_list(), dtype=np.float32)
+        np.testing.assert_allclose(got, fake_vector(f"Guide: {chunk}", DIM), atol=2e-3)
+
+    # A copied column alone: refreshed on every chunk, with no API call.
+    fake.reset()
+    db.execute("UPDATE docs SET tag = 'blue', author = NULL")
+    drain(config)
+    assert fake.inputs() == []
+    assert db.execute("SELECT DISTINCT tag, author FROM docs_chunks").fetchall() == [("blue", None)]
+
+    # The template's column changes what is embedded: every chunk anew.
+    db.execute("UPDATE docs SET title = 'Manual'")
+    drain(config)
+    assert len(fake.inputs()) == n and all(t.startswith("Manual: ") for t in fake.inputs())
+    assert db.execute("SELECT count(*) FROM docs_chunks").fetchone() == (n,)
+
+
+def test_global_dedupe_reuses_across_rows_never_across_models(
+    db: psycopg.Connection[Any], make_config: Any, fake: FakeEmbedderProcess
+) -> None:
+    create_docs(db)
+    config = make_config(chunks_pipeline(dedupe="global"))
+    chunking(config, size=200)
+    boiler = "This document is confidential. Do not share it outside the company, thanks."
+    for i in range(1, 4):
+        body = "\n\n".join([boiler, *document(10 + i, 3), boiler.upper()])
+        db.execute("INSERT INTO docs (id, body) VALUES (%s, %s)", (i, body))
+    install_and_drain(config)
+    inputs = fake.inputs()
+    assert len(inputs) == len(set(inputs))  # one claim: each boilerplate chunk sent once
+    assert sum(boiler in t for t in inputs) == 1
+    db.execute("INSERT INTO docs (id, body) VALUES (9, %s)", (boiler,))
+    fake.reset()
+    drain(config)
+    assert fake.inputs() == []  # stored for another row already
+    assert_chunks_current(db)
+
+    # Another model: nothing of the first is reused.
+    text = config.read_text().replace('model = "text-embedding-3-small"', 'model = "other-model"')
+    config.write_text(text)
+    fake.reset()
+    install_and_drain(config)
+    assert sorted(fake.inputs()) == sorted({*inputs, boiler})
+    assert db.execute("SELECT count(*) FROM docs_chunks WHERE id = 9").fetchone() == (1,)
+
+
+def parse_pipeline(**over: Any) -> Any:
+    """Parse a config of one chunk pipeline changed by `over` (None: the key left out)."""
+    p = {k: v for k, v in chunks_pipeline(**over).items() if v is not None}
+    data = {"providers": {"fake": {"api_key_env": None}}, "pipelines": [p]}
+    return config_mod.parse(data, Path("syncer.toml"))
+
+
+@pytest.mark.parametrize(
+    ("over", "expected"),
+    [
+        ({"chunking": {"size": 64, "overlap": 64}}, "pipelines[0].chunking.overlap: must be less"),
+        ({"chunking": {"size": 8}}, "pipelines[0].chunking.size: must be at least 16 tokens"),
+        ({"chunking": {"splitter": "sentences"}}, "pipelines[0].chunking.splitter"),
+        ({"chunking": {"unit": "words"}}, "pipelines[0].chunking.unit"),
+        ({"chunking": {"sise": 10}}, "pipelines[0].chunking.sise: unknown key"),
+        ({"template": "{title"}, "pipelines[0].template: not a valid template"),
+        ({"template": "{title}"}, "pipelines[0].template: must contain {chunk}"),
+        ({"template": "{chunk!r}"}, "pipelines[0].template: {chunk}: fields are plain"),
+        ({"copy_columns": ["body"]}, "copy_columns: 'body' is a text column"),
+        ({"copy_columns": ["id"], "key": ["id"]}, "copy_columns: 'id' is a key column"),
+        ({"target_table": None}, "target = 'chunks' needs target_table"),
+        ({"target": "table", "template": "{chunk}"}, "pipelines[0].template: is only for"),
+        ({"target": "column", "target_table": None, "chunking": {}}, "chunking: is only for"),
+        ({"dedupe": "everything"}, "pipelines[0].dedupe"),
+    ],
+)
+def test_bad_chunk_config(over: dict[str, Any], expected: str) -> None:
+    with pytest.raises(ConfigError) as err:
+        parse_pipeline(**over)
+    assert expected in str(err.value), str(err.value)
+    assert "\n" not in str(err.value)
+
+
+def test_good_chunk_config_parses() -> None:
+    cfg = parse_pipeline(template="{title}\n\n{chunk}", chunking={"unit": "characters", "size": 80})
+    p = cfg.pipelines[0]
+    assert p.template_columns == ("title",)
+    assert p.watched_columns == ("body", "title")
+    # A change of how documents are cut or composed makes every document stale.
+    other = parse_pipeline(template="{title}\n\n{chunk}", chunking={"unit": "characters", "size": 90})
+    assert other.pipelines[0].fingerprint() != p.fingerprint()
