@@ -286,5 +286,7 @@ def test_good_chunk_config_parses() -> None:
     assert p.template_columns == ("title",)
     assert p.watched_columns == ("body", "title")
     # A change of how documents are cut or composed makes every document stale.
-    other = parse_pipeline(template="{title}\n\n{chunk}", chunking={"unit": "characters", "size": 90})
+    other = parse_pipeline(
+        template="{title}\n\n{chunk}", chunking={"unit": "characters", "size": 90}
+    )
     assert other.pipelines[0].fingerprint() != p.fingerprint()

@@ -15,7 +15,6 @@ from typing import TYPE_CHECKING, Any
 import asyncpg
 from pgvector import HalfVector, Vector
 
-from syncer.chunking import Chunk
 from syncer.errors import SchemaError
 from syncer.schema.catalog import Column, key_columns, table_columns, where
 from syncer.schema.names import ident, key_eq, split_table
@@ -23,6 +22,7 @@ from syncer.sqlfiles import query
 from syncer.targets.base import Connection, Created, check_vector_column, render_ddl
 
 if TYPE_CHECKING:
+    from syncer.chunking import Chunk
     from syncer.config import PipelineConfig
     from syncer.schema.render import PipelineSQL
     from syncer.targets.store import SourceRow, WriteBatch

@@ -137,7 +137,7 @@ class ChunkDispatcher:
                 now.outcomes["unchanged"] += len(ids)
             else:
                 changed.append(row)
-        docs, failed = await self._cut(changed, ids_by_key)
+        docs, failed = await self._cut(changed, ids_by_key, now)
         if failed:
             await self.failures.route(failed)
         waiting = await self._reuse(docs)
@@ -149,9 +149,10 @@ class ChunkDispatcher:
         await self._pack(waiting, lane_by_key)
 
     async def _cut(
-        self, rows: list[SourceRow], ids_by_key: dict[str, list[int]]
+        self, rows: list[SourceRow], ids_by_key: dict[str, list[int]], now: WriteBatch
     ) -> tuple[list[ChunkDoc], list[tuple[int, SyncerError]]]:
-        """Split the changed documents (off the loop) and hash their chunks as embedded."""
+        """Split the changed documents (off the loop) and hash their chunks as embedded;
+        a document with no chunk at all is cleared in `now`."""
         docs: list[ChunkDoc] = []
         failed: list[tuple[int, SyncerError]] = []
         splits = await self.splits.split_many([r.text or "" for r in rows])
@@ -160,6 +161,11 @@ class ChunkDispatcher:
             ids = ids_by_key[row.key]
             if isinstance(chunks, ChunkingError):
                 failed += [(i, chunks) for i in ids]
+                continue
+            if not chunks:  # nothing but white space: no chunk, as with no text
+                self.store.clear(now, row)
+                now.done_ids += ids
+                now.outcomes["cleared"] += len(ids)
                 continue
             texts = [compose(self.p, c, row.extra) for c in chunks]
             if any(estimate_tokens(t) > limit for t in texts):
