@@ -209,7 +209,8 @@ def _library(splitter: str, unit: str, size: int, overlap: int, tokens: Counter)
     if unit == "characters":
         return kind(size, overlap=overlap)
     # The same counter as the chunks' units, so a chunk never counts over `size`. Python
-    # tiktoken through the callback measured 1.5x faster than the bundled tiktoken-rs.
+    # tiktoken through the callback also measured faster than the bundled tiktoken-rs
+    # (1,086 against 746 chunks/s).
     return kind.from_callback(tokens, size, overlap=overlap)
 
 
