@@ -101,7 +101,8 @@ CONFIGS: dict[str, Callable[[], Split]] = {
 }
 
 
-def _changed(before: list[str], after: list[str]) -> int:
+def changed(before: list[str], after: list[str]) -> int:
+    """Texts of `after` that no text of `before` has: the chunks an edit re-embeds."""
     old = collections.Counter(before)
     n = 0
     for text in after:
@@ -112,7 +113,8 @@ def _changed(before: list[str], after: list[str]) -> int:
     return n
 
 
-def _edits(doc: str, rng: np.random.Generator) -> tuple[str, str]:
+def edits(doc: str, rng: np.random.Generator) -> tuple[str, str]:
+    """(one sentence of the middle paragraph rewritten, a paragraph inserted at the top)."""
     blocks = doc.split("\n\n")
     prose = [i for i, b in enumerate(blocks) if not b.startswith(("#", "-"))]
     i = prose[len(prose) // 2]
@@ -129,10 +131,10 @@ def _stability(split: Split, chars_per_chunk: float, n: int) -> dict[str, Any]:
         rng = np.random.default_rng(500 + seed)
         doc = document(rng, int(50 * chars_per_chunk))
         before = split(doc)
-        edited, inserted = _edits(doc, rng)
+        edited, inserted = edits(doc, rng)
         chunks.append(len(before))
-        edit.append(_changed(before, split(edited)))
-        top.append(_changed(before, split(inserted)))
+        edit.append(changed(before, split(edited)))
+        top.append(changed(before, split(inserted)))
     return {"stability_chunks": chunks, "edit_changed": edit, "top_changed": top}
 
 
