@@ -185,3 +185,21 @@ def test_bad_params_name_the_key(args: tuple[str, str, int, int], key: str) -> N
     with pytest.raises(ValueError, match=rf"^{key}: "):
         check_params(*args)
     check_params("recursive", "characters", 15, 0)  # 15 characters is allowed
+
+
+class _Fragile(Splitter):
+    def split(self, text: str) -> list[Chunk]:
+        if text == "boom":
+            raise RuntimeError("the library broke")
+        return super().split(text)
+
+
+async def test_an_exception_in_the_splitter_becomes_a_chunking_error() -> None:
+    pool = SplitPool(_Fragile("recursive", "characters", 100, 10, OPENAI, 8191), 1)
+    try:
+        before, failed, after = await pool.split_many(["one", "boom", "two"])
+    finally:
+        pool.close()
+    assert isinstance(failed, ChunkingError)
+    assert str(failed) == "splitting failed: RuntimeError: the library broke"
+    assert before == [Chunk(0, "one", 0, 3, 3)] and after == [Chunk(0, "two", 0, 3, 3)]
