@@ -6,8 +6,9 @@ characters / 200 overlap, in a child process of its own (so its peak RSS is its 
 docs/s, chunks/s, CPU s per 1,000 chunks, peak RSS, chunk sizes, and boundary stability:
 on documents of ~50 chunks, one sentence of the middle paragraph is rewritten, then a
 paragraph is inserted at the top, and the chunks whose text is new are counted (what an
-edit re-embeds). Last, the event loop's lag while SplitPool splits a 2 MB document, beside
-the lag when the splitting thread holds the GIL (a Python token-count callback).
+edit re-embeds). Last, the event loop's lag while SplitPool (one thread) splits a 2 MB
+document, with cl100k counts and with the estimate (both Python callbacks, which take the
+GIL for each piece they count), and how long the split would block the loop if run on it.
 
 `python -m bench.splitters CONFIG DOCS` runs one child and prints its JSON.
 """
@@ -100,7 +101,8 @@ CONFIGS: dict[str, Callable[[], Split]] = {
 }
 
 
-def _changed(before: list[str], after: list[str]) -> int:
+def changed(before: list[str], after: list[str]) -> int:
+    """Texts of `after` that no text of `before` has: the chunks an edit re-embeds."""
     old = collections.Counter(before)
     n = 0
     for text in after:
@@ -111,7 +113,8 @@ def _changed(before: list[str], after: list[str]) -> int:
     return n
 
 
-def _edits(doc: str, rng: np.random.Generator) -> tuple[str, str]:
+def edits(doc: str, rng: np.random.Generator) -> tuple[str, str]:
+    """(one sentence of the middle paragraph rewritten, a paragraph inserted at the top)."""
     blocks = doc.split("\n\n")
     prose = [i for i, b in enumerate(blocks) if not b.startswith(("#", "-"))]
     i = prose[len(prose) // 2]
@@ -128,10 +131,10 @@ def _stability(split: Split, chars_per_chunk: float, n: int) -> dict[str, Any]:
         rng = np.random.default_rng(500 + seed)
         doc = document(rng, int(50 * chars_per_chunk))
         before = split(doc)
-        edited, inserted = _edits(doc, rng)
+        edited, inserted = edits(doc, rng)
         chunks.append(len(before))
-        edit.append(_changed(before, split(edited)))
-        top.append(_changed(before, split(inserted)))
+        edit.append(changed(before, split(edited)))
+        top.append(changed(before, split(inserted)))
     return {"stability_chunks": chunks, "edit_changed": edit, "top_changed": top}
 
 
@@ -178,7 +181,7 @@ async def loop_lag(doc_chars: int = 2_000_000) -> dict[str, float]:
     out: dict[str, float] = {}
     native = Splitter("recursive", "tokens", 512, 64, MODEL, 8191)
     callback = Splitter("recursive", "tokens", 512, 64, "nomic-embed-text", 8191)
-    for label, splitter in (("tiktoken-rs", native), ("estimate callback", callback)):
+    for label, splitter in (("cl100k tokens", native), ("estimated tokens", callback)):
         pool = SplitPool(splitter, workers=1)
         lags = await _lags(pool.split_many([doc]))
         pool.close()
@@ -213,7 +216,7 @@ def _run_child(name: str, n_docs: int, n_stable: int) -> dict[str, Any]:
 
 
 async def run(h: Harness, quick: bool) -> Result:
-    n_docs, n_stable = (30, 1) if quick else FULL
+    n_docs, n_stable = (20, 1) if quick else FULL
     result = Result("splitters")
     lines = [
         "| splitter | docs/s | chunks/s | MB/s | CPU s / 1k chunks | peak RSS MB"

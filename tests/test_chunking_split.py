@@ -4,7 +4,6 @@ running while a 2 MB document splits."""
 from __future__ import annotations
 
 import asyncio
-import collections
 import itertools
 import random
 import time
@@ -12,6 +11,7 @@ import time
 import numpy as np
 import pytest
 
+from bench.splitters import changed, edits
 from bench.texts import _Words, document
 from syncer.chunking import Chunk, ChunkingError, SplitPool, Splitter, check_params
 from syncer.providers.tokens import estimate_tokens
@@ -86,29 +86,8 @@ def test_offsets_slice_exactly(kind: str, unit: str, size: int, overlap: int) ->
                 assert chunks
 
 
-def _changed(before: list[Chunk], after: list[Chunk]) -> int:
-    """Chunks of `after` whose text no chunk of `before` has: what must be re-embedded."""
-    old = collections.Counter(c.text for c in before)
-    n = 0
-    for c in after:
-        if old[c.text]:
-            old[c.text] -= 1
-        else:
-            n += 1
-    return n
-
-
-def _edits(doc: str, rng: np.random.Generator) -> tuple[str, str]:
-    """(one sentence of the middle paragraph rewritten, a paragraph inserted at the top)."""
-    blocks = doc.split("\n\n")
-    prose = [i for i, b in enumerate(blocks) if not b.startswith(("#", "-"))]
-    i = prose[len(prose) // 2]
-    words = _Words(rng, 2000)
-    sentences = blocks[i].split(". ")
-    sentences[len(sentences) // 2] = words.sentence(6, 20).rstrip(".")
-    edited = [*blocks[:i], ". ".join(sentences), *blocks[i + 1 :]]
-    inserted = [blocks[0], words.paragraph(), *blocks[1:]]
-    return "\n\n".join(edited), "\n\n".join(inserted)
+def _texts(chunks: list[Chunk]) -> list[str]:
+    return [c.text for c in chunks]
 
 
 @pytest.mark.parametrize(
@@ -120,11 +99,13 @@ def test_an_edit_changes_few_chunks(unit: str, size: int, overlap: int, chars: i
     for seed in range(3):
         rng = np.random.default_rng(300 + seed)
         doc = document(rng, chars)
-        before = splitter.split(doc)
-        assert 40 <= len(before) <= 70
-        edited, inserted = _edits(doc, rng)
-        assert 1 <= _changed(before, splitter.split(edited)) <= 3
-        assert 1 <= _changed(before, splitter.split(inserted)) <= 3 + 2  # + overlap neighbours
+        texts = _texts(splitter.split(doc))
+        assert 40 <= len(texts) <= 70
+        edited, inserted = edits(doc, rng)
+        assert 1 <= changed(texts, _texts(splitter.split(edited))) <= 3
+        assert (
+            1 <= changed(texts, _texts(splitter.split(inserted))) <= 3 + 2
+        )  # + overlap neighbours
 
 
 @pytest.mark.parametrize("unit", ["tokens", "characters"])
@@ -204,3 +185,21 @@ def test_bad_params_name_the_key(args: tuple[str, str, int, int], key: str) -> N
     with pytest.raises(ValueError, match=rf"^{key}: "):
         check_params(*args)
     check_params("recursive", "characters", 15, 0)  # 15 characters is allowed
+
+
+class _Fragile(Splitter):
+    def split(self, text: str) -> list[Chunk]:
+        if text == "boom":
+            raise RuntimeError("the library broke")
+        return super().split(text)
+
+
+async def test_an_exception_in_the_splitter_becomes_a_chunking_error() -> None:
+    pool = SplitPool(_Fragile("recursive", "characters", 100, 10, OPENAI, 8191), 1)
+    try:
+        before, failed, after = await pool.split_many(["one", "boom", "two"])
+    finally:
+        pool.close()
+    assert isinstance(failed, ChunkingError)
+    assert str(failed) == "splitting failed: RuntimeError: the library broke"
+    assert before == [Chunk(0, "one", 0, 3, 3)] and after == [Chunk(0, "two", 0, 3, 3)]
