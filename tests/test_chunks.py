@@ -3,17 +3,19 @@
 from __future__ import annotations
 
 import random
+import signal
 from pathlib import Path
 from typing import Any
 
 import numpy as np
+import orjson
 import psycopg
 import pytest
 
 from syncer import config as config_mod
 from syncer.errors import ConfigError
 from syncer.testing.fake_embedder import FakeEmbedderProcess, fake_vector
-from tests.conftest import DEFAULT_PIPELINE, syncer
+from tests.conftest import DEFAULT_PIPELINE, start_syncer, syncer, wait_for
 
 DIM = 8
 WORDS = [
@@ -65,6 +67,14 @@ def create_docs(db: psycopg.Connection[Any]) -> None:
     db.execute(
         "CREATE TABLE docs (id bigint PRIMARY KEY, title text, body text, tag text, author int)"
     )
+
+
+def chunked_docs(db: psycopg.Connection[Any], make_config: Any, size: int, **over: Any) -> Path:
+    """The docs table and a config of one chunk pipeline cutting `size` characters."""
+    create_docs(db)
+    config: Path = make_config(chunks_pipeline(**over))
+    chunking(config, size=size)
+    return config
 
 
 def drain(config: Any) -> None:
@@ -221,9 +231,7 @@ def test_template_copy_columns_and_halfvec(
 def test_global_dedupe_reuses_across_rows_never_across_models(
     db: psycopg.Connection[Any], make_config: Any, fake: FakeEmbedderProcess
 ) -> None:
-    create_docs(db)
-    config = make_config(chunks_pipeline(dedupe="global"))
-    chunking(config, size=200)
+    config = chunked_docs(db, make_config, 200, dedupe="global")
     boiler = "This document is confidential. Do not share it outside the company, thanks."
     for i in range(1, 4):
         body = "\n\n".join([boiler, *document(10 + i, 3), boiler.upper()])
@@ -290,3 +298,143 @@ def test_good_chunk_config_parses() -> None:
         template="{title}\n\n{chunk}", chunking={"unit": "characters", "size": 90}
     )
     assert other.pipelines[0].fingerprint() != p.fingerprint()
+
+
+@pytest.mark.parametrize(
+    ("setup", "over", "expected"),
+    [
+        ("", {"template": "{subtitle} {chunk}"}, "(template): column 'subtitle' does not exist"),
+        ("", {"copy_columns": ["nope"]}, "(copy_columns): column 'nope' does not exist"),
+        ("", {"copy_columns": ["id"]}, "(copy_columns): 'id' is a key column"),
+        (
+            "CREATE TABLE docs_chunks (id bigint, chunk_index text)",
+            {},
+            "column 'chunk_index' is of type text, not integer",
+        ),
+        (
+            "CREATE TABLE docs_chunks (id bigint, chunk_index int, chunk text, start_char int, "
+            "end_char int, chunk_hash bytea, doc_hash bytea, embedded_at timestamptz, "
+            "embedding vector(3))",
+            {},
+            "docs_chunks.embedding is vector(3), but the config says vector(8)",
+        ),
+        (
+            "CREATE TABLE docs_chunks (id bigint, chunk_index int, chunk text, start_char int, "
+            "end_char int, chunk_hash bytea, doc_hash bytea, embedded_at timestamptz, "
+            "embedding vector(8))",
+            {"copy_columns": ["tag"]},
+            "column 'tag' is missing, not text",
+        ),
+    ],
+)
+def test_install_checks_the_chunk_table(
+    db: psycopg.Connection[Any], make_config: Any, setup: str, over: dict[str, Any], expected: str
+) -> None:
+    create_docs(db)
+    if setup:
+        db.execute(setup)
+    r = syncer(make_config(chunks_pipeline(**over)), "install")
+    assert r.returncode != 0
+    assert expected in r.stderr, r.stderr
+    assert "Traceback" not in r.stderr and len(r.stderr.strip().splitlines()) == 1, r.stderr
+    assert db.execute("SELECT to_regnamespace('syncer') IS NULL").fetchone() == (True,)
+
+
+def test_unsplittable_document_is_dead_lettered_alone(
+    db: psycopg.Connection[Any], make_config: Any, fake: FakeEmbedderProcess
+) -> None:
+    config = chunked_docs(db, make_config, 200)
+    huge = "word " * 2_100_000  # 10.5 M characters: over what can be split
+    db.execute("INSERT INTO docs (id, body) VALUES (1, %s)", (huge,))
+    for i in range(2, 12):
+        db.execute("INSERT INTO docs (id, body) VALUES (%s, %s)", (i, "\n\n".join(document(i, 3))))
+    install_and_drain(config)
+    dead = db.execute("SELECT key, error_class FROM syncer.dead_letters").fetchall()
+    assert dead == [({"id": 1}, "chunking_failed")]
+    assert db.execute("SELECT count(DISTINCT id) FROM docs_chunks").fetchone() == (10,)
+    # status counts documents: the failed one is not current.
+    r = syncer(config, "status", "--json")
+    (st,) = orjson.loads(r.stdout)["pipelines"]
+    assert (st["rows_current"], st["rows_missing"], st["dead_letters"]) == (
+        10,
+        1,
+        {"chunking_failed": 1},
+    ), st
+    db.execute("DELETE FROM docs WHERE id = 1")
+    assert_chunks_current(db)
+
+
+def test_two_workers_rapid_edits_leave_the_newest_version(
+    db: psycopg.Connection[Any], make_config: Any, fake: FakeEmbedderProcess
+) -> None:
+    create_docs(db)
+    config = make_config(chunks_pipeline(), worker={"poll_interval_s": 0.2})
+    chunking(config, size=120)
+    db.execute("INSERT INTO docs (id, body) VALUES (1, 'first')")
+    r = syncer(config, "install")
+    assert r.returncode == 0, r.stderr
+    fake.control(latency_ms=20)
+    workers = [start_syncer(config, "run") for _ in range(2)]
+    try:
+        rng = random.Random(5)
+        for n in range(200):
+            paras = document(rng.randrange(1000), rng.randrange(1, 12))
+            paras[0] = f"Version {n}."
+            db.execute("UPDATE docs SET body = %s WHERE id = 1", ("\n\n".join(paras),))
+        newest = db.execute("SELECT syncer.docs_chunks__hash(d) FROM docs d").fetchone()[0]
+        wait_for(
+            lambda: (
+                db.execute(
+                    "SELECT count(*) FROM syncer.queue WHERE pipeline = 'docs_chunks'"
+                ).fetchone()
+                == (0,)
+                and db.execute(
+                    "SELECT bool_and(doc_hash = %s) FROM docs_chunks", (newest,)
+                ).fetchone()
+                == (True,)
+            ),
+            timeout_s=90,
+            what="the newest version's chunks",
+        )
+    finally:
+        for w in workers:
+            w.send_signal(signal.SIGTERM)
+        codes = [w.wait(timeout=30) for w in workers]
+    assert codes == [0, 0], [w.stderr.read() if w.stderr else "" for w in workers]
+    assert_chunks_current(db)
+    assert db.execute(
+        "SELECT count(*) FROM docs_chunks WHERE chunk LIKE 'Version 199.%'"
+    ).fetchone() == (1,)
+
+
+def test_preview_shows_what_an_edit_would_send(
+    db: psycopg.Connection[Any], make_config: Any, fake: FakeEmbedderProcess
+) -> None:
+    config = chunked_docs(db, make_config, 200)
+    paras = document(3, 20)
+    db.execute("INSERT INTO docs (id, body) VALUES (42, %s)", ("\n\n".join(paras),))
+    install_and_drain(config)
+    paras[10] = "A changed paragraph in the middle of it all."
+    db.execute("UPDATE docs SET body = %s WHERE id = 42", ("\n\n".join(paras),))
+    r = syncer(
+        config, "chunks", "preview", "--pipeline", "docs_chunks", "--key", '{"id": 42}', "--json"
+    )
+    assert r.returncode == 0, r.stderr
+    pv = orjson.loads(r.stdout)
+    text = "\n\n".join(paras)
+    assert pv["chunks"] and not pv["current"]
+    for c in pv["chunks"]:
+        assert c["start"] < c["end"] <= len(text)
+    assert 1 <= pv["to_embed"] <= 3
+    drain(config)
+    assert len(fake.inputs()) >= pv["to_embed"]  # what preview said is what was sent
+    r = syncer(config, "chunks", "preview", "--pipeline", "docs_chunks", "--key", '{"id": 42}')
+    assert r.returncode == 0 and "0 to embed" in r.stdout and "current" in r.stdout, r.stdout
+    for bad, expected in [
+        ('{"id": ', "--key: not JSON"),
+        ('{"nope": 1}', "--key: must be a JSON object of the key columns ['id']"),
+    ]:
+        r = syncer(config, "chunks", "preview", "--pipeline", "docs_chunks", "--key", bad)
+        assert r.returncode != 0 and expected in r.stderr and "Traceback" not in r.stderr
+    r = syncer(config, "chunks", "preview", "--pipeline", "nope", "--key", '{"id": 42}')
+    assert r.returncode != 0 and "no pipeline named 'nope'" in r.stderr
