@@ -14,6 +14,7 @@ from typing import Any
 from bench import (
     capture_cost,
     chaos,
+    chunks,
     faults,
     freshness,
     latency,
@@ -37,6 +38,7 @@ SCENARIOS: dict[str, Scenario] = {
     "faults": faults.run,
     "freshness": freshness.run,
     "splitters": splitters.run,
+    "chunks": chunks.run,
     "chaos": chaos.run,  # last: it restarts the database server
 }
 
