@@ -11,7 +11,18 @@ from collections.abc import Callable, Coroutine
 from pathlib import Path
 from typing import Any
 
-from bench import capture_cost, chaos, faults, freshness, latency, quota, report, throughput
+from bench import (
+    capture_cost,
+    chaos,
+    chunks,
+    faults,
+    freshness,
+    latency,
+    quota,
+    report,
+    splitters,
+    throughput,
+)
 from bench.harness import TEMPLATE, Harness
 from bench.report import Result
 
@@ -26,6 +37,8 @@ SCENARIOS: dict[str, Scenario] = {
     "quota": quota.run,
     "faults": faults.run,
     "freshness": freshness.run,
+    "splitters": splitters.run,
+    "chunks": chunks.run,
     "chaos": chaos.run,  # last: it restarts the database server
 }
 

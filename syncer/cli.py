@@ -411,5 +411,43 @@ def dlq_list(obj: Ctx, pipeline: str | None, newest: int, as_json: bool) -> None
         )
 
 
+@main.group()
+def chunks() -> None:
+    """Chunk pipelines: see how documents split."""
+
+
+@chunks.command("preview")
+@click.option("--pipeline", required=True, help="A pipeline with target = 'chunks'.")
+@click.option("--key", required=True, help="The row's key as JSON, like '{\"id\": 42}'.")
+@click.option("--json", "as_json", is_flag=True, help="Machine-readable output.")
+@click.pass_obj
+def chunks_preview(obj: Ctx, pipeline: str, key: str, as_json: bool) -> None:
+    """How a row splits: indices, offsets, sizes, and which chunks would be embedded."""
+    from syncer.preview import preview
+
+    cfg = obj.config()
+    pv = _run_async(preview(cfg, pipeline, key))
+    if as_json:
+        doc = {**pv.__dict__, "chunks": [c.__dict__ for c in pv.chunks], "to_embed": pv.to_embed}
+        click.echo(orjson.dumps(doc).decode())
+        return
+    if not pv.present:
+        click.echo(f"row {pv.key}: not found or no text ({pv.stored_chunks} chunks stored)")
+        return
+    state = "current" if pv.current else "not current"
+    click.echo(
+        f"row {pv.key}: {len(pv.chunks)} chunks, {pv.to_embed} to embed, "
+        f"{len(pv.chunks) - pv.to_embed} reuse a stored vector (stored chunks: {state})"
+    )
+    click.echo(
+        f"{'index':>5} {'start':>8} {'end':>8} {'units':>6} {'tokens':>6}  {'vector':8} text"
+    )
+    for c in pv.chunks:
+        click.echo(
+            f"{c.index:>5} {c.start:>8} {c.end:>8} {c.units:>6} {c.tokens:>6}  "
+            f"{'stored' if c.stored else 'embed':8} {c.preview}"
+        )
+
+
 if __name__ == "__main__":  # pragma: no cover
     main()

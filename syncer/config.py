@@ -9,6 +9,7 @@ from __future__ import annotations
 import hashlib
 import os
 import re
+import string
 import tomllib
 from pathlib import Path
 from typing import Annotated, Any, Literal
@@ -114,6 +115,8 @@ class WorkerConfig(_Model):
     # The share of each claim kept for bulk work (backfill, replay) while live edits keep
     # coming: live edits go first, but never stop a backfill.
     bulk_share: float = Field(default=0.25, ge=0, le=1)
+    # Chunk pipelines: the threads that split documents off the event loop.
+    split_workers: int = Field(default=2, ge=1, le=64)
 
 
 class CaptureConfig(_Model):
@@ -175,12 +178,56 @@ class ObserveConfig(_Model):
         return v.lower() if isinstance(v, str) else v
 
 
+class ChunkingConfig(_Model):
+    """How a chunk pipeline cuts a document (`[pipelines.chunking]`)."""
+
+    splitter: Literal["recursive", "markdown", "none"] = "recursive"
+    unit: Literal["tokens", "characters"] = "tokens"
+    size: int = Field(default=512, ge=1)
+    overlap: int = Field(default=64, ge=0)
+
+    @model_validator(mode="after")
+    def _sizes(self) -> ChunkingConfig:
+        if self.unit == "tokens" and self.size < MIN_CHUNK_TOKENS:
+            raise _KeyError("size", f"must be at least {MIN_CHUNK_TOKENS} tokens, got {self.size}")
+        if self.overlap >= self.size:
+            raise _KeyError("overlap", f"must be less than size ({self.size}), got {self.overlap}")
+        return self
+
+
+MIN_CHUNK_TOKENS = 16
+
+
+def template_fields(template: str) -> tuple[str, ...]:
+    """The names a chunk template uses ({chunk} and source columns); ValueError if malformed."""
+    names: list[str] = []
+    try:
+        parsed = list(string.Formatter().parse(template))
+    except ValueError as err:
+        raise ValueError(f"not a valid template: {err}") from None
+    for _, name, spec, conversion in parsed:
+        if name is None:
+            continue
+        if not name or spec or conversion or not name.isidentifier():
+            raise ValueError(
+                f"{{{name}}}: fields are plain column names, like {{title}} or {{chunk}}"
+            )
+        if name not in names:
+            names.append(name)
+    if "chunk" not in names:
+        raise ValueError("must contain {chunk} (where each chunk's text goes)")
+    return tuple(names)
+
+
+_CHUNK_KEYS = ("chunking", "template", "copy_columns", "store_text", "dedupe")
+
+
 class PipelineConfig(_Model):
     name: str
     table: str
     key: tuple[str, ...] | None = None
     text: tuple[str, ...]
-    target: Literal["column", "table"] = "column"
+    target: Literal["column", "table", "chunks"] = "column"
     column: str = "embedding"
     target_table: str | None = None
     provider: str
@@ -190,6 +237,19 @@ class PipelineConfig(_Model):
     vector_type: Literal["vector", "halfvec"] = "vector"
     batch_size: int = Field(default=64, ge=1, le=2048)
     on_too_long: Literal["truncate", "dead_letter"] = "truncate"
+    # target = "chunks" only (syncer.targets.chunks):
+    chunking: ChunkingConfig | None = None
+    template: str | None = None  # what is embedded per chunk: {chunk} and source columns
+    copy_columns: tuple[str, ...] = ()  # kept beside each chunk, refreshed with no API call
+    store_text: bool = True  # keep each chunk's text in the chunk table
+    dedupe: Literal["document", "global"] = "document"  # whose stored vectors a chunk reuses
+
+    @field_validator("template")
+    @classmethod
+    def _template(cls, v: str | None) -> str | None:
+        if v is not None:
+            template_fields(v)
+        return v
 
     @field_validator("name")
     @classmethod
@@ -214,8 +274,31 @@ class PipelineConfig(_Model):
 
     @model_validator(mode="after")
     def _target(self) -> PipelineConfig:
+        if self.target != "chunks":
+            for key in _CHUNK_KEYS:
+                if key in self.model_fields_set:
+                    raise _KeyError(key, "is only for target = 'chunks'")
         targets.for_pipeline(self).check_config()  # which keys the kind needs or refuses
         return self
+
+    @property
+    def template_columns(self) -> tuple[str, ...]:
+        """The source columns a chunk template names ({chunk} aside)."""
+        if self.template is None:
+            return ()
+        return tuple(n for n in template_fields(self.template) if n != "chunk")
+
+    @property
+    def watched_columns(self) -> tuple[str, ...]:
+        """The columns whose change makes work: the text, and a chunk pipeline's template
+        and copied columns."""
+        out = list(self.text)
+        out += [c for c in (*self.template_columns, *self.copy_columns) if c not in out]
+        return tuple(out)
+
+    def model_fingerprint(self) -> str:
+        """What makes two vectors of one text interchangeable (model, size, type)."""
+        return f"{self.model}\x1f{self.dimensions}\x1f{self.vector_type}"
 
     @property
     def schema_name(self) -> str:
@@ -232,6 +315,9 @@ class PipelineConfig(_Model):
     def fingerprint(self) -> str:
         """What makes a stored vector comparable: a change here makes every vector stale."""
         parts = [self.model, str(self.dimensions), self.vector_type, "\x1f".join(self.text)]
+        if self.target == "chunks":  # a new way of cutting or composing: every document anew
+            c = self.chunking
+            parts += [self.template or "", repr(c and c.model_dump()), *self.template_columns]
         return hashlib.sha256("\x1e".join(parts).encode()).hexdigest()[:16]
 
     def config_hash(self) -> str:
@@ -271,6 +357,15 @@ class Config(_Model):
         raise ConfigError(f"no pipeline named {name!r} (configured: {known})")
 
 
+class _KeyError(ValueError):
+    """An error of one key of the table being validated (its location is the table's)."""
+
+    def __init__(self, key: str, msg: str) -> None:
+        super().__init__(msg)
+        self.key = key
+        self.msg = msg
+
+
 class _RefError(ValueError):
     def __init__(self, loc: str, msg: str) -> None:
         super().__init__(msg)
@@ -299,6 +394,8 @@ def _format_errors(path: Path, err: ValidationError) -> str:
         ctx_err = (e.get("ctx") or {}).get("error")
         if isinstance(ctx_err, _RefError):
             lines.append(f"{path}: {ctx_err.loc}: {ctx_err.msg}")
+        elif isinstance(ctx_err, _KeyError):
+            lines.append(f"{path}: {loc}.{ctx_err.key}: {ctx_err.msg}")
         elif e["type"] == "extra_forbidden":
             lines.append(f"{path}: {loc}: unknown key (check the spelling)")
         elif e["type"] == "union_tag_invalid":

@@ -418,7 +418,7 @@ async def install_publication(
         if kind == "f":  # a column list must hold the whole replica identity: every column
             columns[table] = None
         elif (have := columns.setdefault(table, [])) is not None:
-            have += [c for c in (*keys, *p.text) if c not in have]
+            have += [c for c in (*keys, *p.watched_columns) if c not in have]
     entries = ", ".join(
         ident(*t) + (f" ({', '.join(ident(c) for c in cols)})" if cols else "")
         for t, cols in columns.items()

@@ -37,6 +37,7 @@ class Watch:
     key_idx: tuple[int, ...]
     text_idx: tuple[int, ...]
     deletes: bool  # a side-table target must hear of deleted rows; a column target need not
+    watch_idx: tuple[int, ...] = ()  # the columns whose change is work (text, and more)
 
 
 # A tuple's columns: None for NULL, UNCHANGED for a TOASTed value the update left alone.
@@ -175,7 +176,7 @@ class Decoder:
             if (p.schema_name, p.table_name) != (schema or "pg_catalog", table):
                 continue
             keys = self.key_names[p.name]
-            missing = [c for c in (*keys, *p.text) if c not in index]
+            missing = [c for c in (*keys, *p.watched_columns) if c not in index]
             if missing:
                 # The publication was changed by hand: say so rather than lose changes.
                 raise SlotError(
@@ -188,6 +189,7 @@ class Decoder:
                     tuple(index[c] for c in keys),
                     tuple(index[c] for c in p.text),
                     targets.for_pipeline(p).needs_deletes,
+                    tuple(index[c] for c in p.watched_columns),
                 )
             )
         self.relations[relid] = watches
@@ -236,7 +238,7 @@ class Decoder:
             key_moved = old is not None and any(old[i] != new[i] for i in w.key_idx)
             if not key_moved and all(
                 new[i] is UNCHANGED or (whole_old and old is not None and old[i] == new[i])
-                for i in w.text_idx
+                for i in w.watch_idx
             ):
                 continue  # the text is as it was: a TOASTed value left alone, or equal
             # Otherwise queued: the worker's hash check makes an unchanged text free.

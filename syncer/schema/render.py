@@ -97,7 +97,21 @@ def _values(p: PipelineConfig, key_columns: tuple[Column, ...]) -> dict[str, str
         "key_changed": " OR ".join(changed(keys)),
         # Compared as text: the composed text is made of the columns' text forms, and a
         # column type without an equality operator (json) compares all the same.
-        "text_or_key_changed": " OR ".join(changed(list(p.text), "::text") + changed(keys)),
+        "text_or_key_changed": " OR ".join(
+            changed(list(p.watched_columns), "::text") + changed(keys)
+        ),
+        "hash_extra": "".join(
+            f" || E'\\x1f' || coalesce(s.{ident(c)}::text, '')"
+            for c in p.template_columns
+            if c not in p.text
+        ),
+        "row_extra": (
+            "pg_catalog.jsonb_build_object("
+            + ", ".join(f"{literal(c)}, s.{ident(c)}::text" for c in p.template_columns)
+            + ")::text"
+            if p.template_columns
+            else "NULL::text"
+        ),
         "nobody_awake": (
             "coalesce(pg_sequence_last_value('syncer.awake_until'::regclass), 0)"
             " < date_part('epoch', now())"

@@ -11,10 +11,11 @@ RETURN NULLIF(pg_catalog.concat_ws(E'\n\n', {text_parts}), '');
 
 -- hash_function --
 -- The fingerprint (model, dimensions, vector type, text columns) is part of the hash,
--- so a change of model makes every stored vector stale.
+-- so a change of model makes every stored vector stale. {hash_extra}: the columns a chunk
+-- template names beside the text (empty for other targets).
 CREATE OR REPLACE FUNCTION {hash_fn}(s {src}) RETURNS bytea
 LANGUAGE sql STABLE PARALLEL SAFE
-RETURN pg_catalog.sha256(pg_catalog.convert_to({fingerprint} || {text_fn}(s), 'UTF8'));
+RETURN pg_catalog.sha256(pg_catalog.convert_to({fingerprint} || {text_fn}(s){hash_extra}, 'UTF8'));
 
 -- capture_insert_function --
 -- Statement-level: one INSERT … SELECT into the inbox for the whole statement, however
@@ -156,11 +157,13 @@ ON CONFLICT (pipeline, key, lane) DO UPDATE SET dirty = true WHERE q.leased_by I
 -- The LATERAL subquery (OFFSET 0 keeps the planner from flattening it) probes the key
 -- index once per key: a join the planner may choose instead reads the whole table for a
 -- batch of a few hundred keys once the table has some thousand rows.
-SELECT k.key::text, f.present IS NOT NULL, f.text, f.hash, f.stored
+-- {row_extra}: a chunk template's columns (NULL for other targets).
+SELECT k.key::text, f.present IS NOT NULL, f.text, f.hash, f.stored, f.extra
 FROM unnest($1::jsonb[]) AS k(key)
 CROSS JOIN LATERAL jsonb_to_record(k.key) AS r({key_defs})
 LEFT JOIN LATERAL (
-    SELECT true AS present, {text_fn}(s) AS text, {hash_fn}(s) AS hash, {stored_hash} AS stored
+    SELECT true AS present, {text_fn}(s) AS text, {hash_fn}(s) AS hash, {stored_hash} AS stored,
+           {row_extra} AS extra
     FROM {src} s {target_join}
     WHERE {key_eq_s_r}
     OFFSET 0

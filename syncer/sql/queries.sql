@@ -101,6 +101,10 @@ SET dirty = false, leased_until = NULL, leased_by = NULL, attempts = 0,
     not_before = '-infinity', first_failed_at = NULL, last_error = NULL
 WHERE id = ANY($1::bigint[]) AND dirty;
 
+-- queue_mark_dirty --
+-- Inside a write transaction, before queue_complete: these items run again, afresh.
+UPDATE syncer.queue SET dirty = true WHERE id = ANY($1::bigint[]);
+
 -- queue_release --
 -- Soft stop: give unfinished items back at once, without counting the attempt.
 UPDATE syncer.queue

@@ -2,6 +2,7 @@
 
 - `column`: a vector column (and its hash) added to the source table.
 - `table`: a side table keyed like the source table.
+- `chunks`: a chunk table, each document cut in chunks with a vector each.
 
 A new kind is a new module here, its statements in sql/targets/, and a line in KINDS.
 """
@@ -13,6 +14,7 @@ from typing import TYPE_CHECKING
 import asyncpg
 
 from syncer.targets.base import Created, Target
+from syncer.targets.chunks import ChunkDoc, ChunksTarget
 from syncer.targets.column import ColumnTarget
 from syncer.targets.store import SourceRow, VectorStore, WriteBatch
 from syncer.targets.table import TableTarget
@@ -23,6 +25,8 @@ if TYPE_CHECKING:
 
 __all__ = [
     "KINDS",
+    "ChunkDoc",
+    "ChunksTarget",
     "Created",
     "SourceRow",
     "Target",
@@ -32,9 +36,10 @@ __all__ = [
     "store_for",
 ]
 
-KINDS: dict[str, type[ColumnTarget] | type[TableTarget]] = {
+KINDS: dict[str, type[ColumnTarget] | type[TableTarget] | type[ChunksTarget]] = {
     "column": ColumnTarget,
     "table": TableTarget,
+    "chunks": ChunksTarget,
 }
 
 

@@ -22,6 +22,7 @@ from syncer.targets.base import Target
 
 if TYPE_CHECKING:
     from syncer.schema.render import PipelineSQL
+    from syncer.targets.chunks import ChunkDoc
 
 OWN_PREFIX = "syncer"  # the logical message that marks syncer's own writes (syncer.logical)
 
@@ -35,6 +36,7 @@ class SourceRow:
     text: str | None
     hash: bytes | None
     stored_hash: bytes | None
+    extra: str | None = None  # a chunk template's columns, as a JSON object of their text
 
 
 @dataclass
@@ -48,6 +50,7 @@ class WriteBatch:
     # ((key, hash), ids): items that may still join a vector of this batch until it is
     # written (the worker's in-flight deduplication); finished right after the write.
     joins: list[tuple[tuple[str, bytes], list[int]]] = field(default_factory=list)
+    docs: list[ChunkDoc] = field(default_factory=list)  # the chunks target's whole documents
 
     def add_vector(self, key: str, vector: Any, hash_: bytes | None) -> None:
         self.keys.append(key)
@@ -62,6 +65,7 @@ class WriteBatch:
         self.done_ids += other.done_ids
         self.outcomes.update(other.outcomes)
         self.joins += other.joins
+        self.docs += other.docs
 
     def __len__(self) -> int:
         return len(self.done_ids)
@@ -96,7 +100,7 @@ class VectorStore:
 
     async def fetch(self, keys: Sequence[str]) -> list[SourceRow]:
         rows = await self.pool.fetch(self.sql["rows_fetch"], list(keys))
-        return [SourceRow(r[0], r[1], r[2], r[3], r[4]) for r in rows]
+        return [SourceRow(r[0], r[1], r[2], r[3], r[4], r[5]) for r in rows]
 
     def clear(self, batch: WriteBatch, row: SourceRow) -> None:
         """The row is gone or has no text: its vector must go too (what that means is the

@@ -6,6 +6,7 @@ from __future__ import annotations
 import asyncio
 import random
 from collections.abc import Awaitable, Callable
+from typing import Protocol
 
 from syncer.aio import wait_first
 from syncer.capture import always_caught_up
@@ -13,9 +14,14 @@ from syncer.config import WorkerConfig
 from syncer.db import Database
 from syncer.observe import Claimed, Events
 from syncer.providers import Embedder
-from syncer.queue import Queue
-from syncer.worker.dispatcher import Dispatcher
+from syncer.queue import Item, Queue
 from syncer.worker.inflight import InFlight
+
+
+class Dispatch(Protocol):
+    """Takes claimed items on (the dispatcher for rows, or for chunked documents)."""
+
+    async def dispatch(self, items: list[Item]) -> None: ...
 
 
 class ProviderPaused(Exception):
@@ -32,7 +38,7 @@ class Claimer:
         db: Database,
         embedder: Embedder,
         in_flight: InFlight,
-        dispatcher: Dispatcher,
+        dispatcher: Dispatch,
         events: Events,
         wakeup: asyncio.Event,
     ) -> None:

@@ -5,7 +5,9 @@ from __future__ import annotations
 
 import asyncio
 import time
+from collections.abc import Iterable
 from dataclasses import dataclass, field
+from typing import Protocol
 
 from syncer.config import PipelineConfig
 from syncer.errors import CircuitOpenError, InputError, ProviderError, RetryableError, SyncerError
@@ -18,6 +20,36 @@ from syncer.worker.inflight import InFlight, TextId
 from syncer.worker.jobs import EmbedJob, JobQueue
 
 Failures = list[tuple[int, SyncerError]]
+
+
+class Results(Protocol):
+    """What an answered request means for its items (rows or chunked documents)."""
+
+    def done(self, job: EmbedJob, vectors: Vectors, batch: WriteBatch) -> None:
+        """The job's vectors arrived: put what they complete into `batch`."""
+
+    def failed_ids(self, job: EmbedJob, inputs: Iterable[int]) -> list[int]:
+        """These inputs of the job failed for good in this process: the items to route."""
+
+
+class RowResults:
+    """One input per row: its vector is the row's."""
+
+    def __init__(self, in_flight: InFlight) -> None:
+        self.in_flight = in_flight
+
+    def done(self, job: EmbedJob, vectors: Vectors, batch: WriteBatch) -> None:
+        for i, key in enumerate(job.keys):
+            batch.add_vector(key, vectors[i], job.hashes[i])
+            batch.done_ids += job.ids[i]
+            # Until the vector is written, an item for the same text still joins it.
+            late = self.in_flight.hand_over((key, job.hashes[i]), job.ids[i])
+            if late is not None:
+                batch.joins.append(((key, job.hashes[i]), late))
+        batch.outcomes["embedded"] += len(job.keys)
+
+    def failed_ids(self, job: EmbedJob, inputs: Iterable[int]) -> list[int]:
+        return [i for n in inputs for i in job.ids[n]]
 
 
 @dataclass
@@ -41,8 +73,10 @@ class Embedding:
         events: Events,
         embed_q: JobQueue,
         write_q: asyncio.Queue[WriteBatch],
+        results: Results | None = None,
     ) -> None:
         self.p = p
+        self.results = results or RowResults(in_flight)
         self.provider = provider
         self.embedder = embedder
         self.policy = policy
@@ -80,20 +114,13 @@ class Embedding:
                 self.in_flight.suspect((job.keys[0], job.hashes[0]), self.policy.traced(err))
             elif trace is not None and len(job.keys) == 1 and self.policy.traced(err):
                 trace.failed_alone.append((job.keys[0], job.hashes[0]))
-            failed += [(i, err) for i in job.all_ids()]
+            failed += [(i, err) for i in self.results.failed_ids(job, range(len(job.keys)))]
             return
         if trace is not None:
             trace.succeeded = True
         if job.suspect:
             self.in_flight.suspect((job.keys[0], job.hashes[0]), False)
-        for i, key in enumerate(job.keys):
-            batch.add_vector(key, vectors[i], job.hashes[i])
-            batch.done_ids += job.ids[i]
-            # Until the vector is written, an item for the same text still joins it.
-            late = self.in_flight.hand_over((key, job.hashes[i]), job.ids[i])
-            if late is not None:
-                batch.joins.append(((key, job.hashes[i]), late))
-        batch.outcomes["embedded"] += len(job.keys)
+        self.results.done(job, vectors, batch)
 
     def _release(self, job: EmbedJob) -> None:
         """The job's results are being taken: later items for its texts embed anew. (No
@@ -118,7 +145,7 @@ class Embedding:
         n = len(job.keys)
         index = getattr(err, "index", None)
         if index is not None and 0 <= index < n:
-            failed += [(i, err) for i in job.ids[index]]
+            failed += [(i, err) for i in self.results.failed_ids(job, [index])]
             await self._embed(job.part([i for i in range(n) if i != index]), batch, failed, trace)
         else:
             half = n // 2

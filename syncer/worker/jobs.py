@@ -6,9 +6,13 @@ import asyncio
 import itertools
 from collections.abc import Sequence
 from dataclasses import dataclass
+from typing import TYPE_CHECKING
 
 from syncer.providers.tokens import estimate_tokens
 from syncer.queue import LIVE
+
+if TYPE_CHECKING:
+    from syncer.targets.chunks import ChunkDoc
 
 
 @dataclass(frozen=True)
@@ -20,6 +24,8 @@ class EmbedJob:
     tokens: int  # estimated
     suspect: bool = False  # one input traced as failing alone: sent alone, not retried in process
     lane: int = LIVE
+    # Chunk pipelines: the documents waiting for each input (a chunk text may serve several)
+    docs: tuple[tuple[ChunkDoc, ...], ...] = ()
 
     def part(self, idx: Sequence[int]) -> EmbedJob:
         pick = list(idx)
@@ -31,6 +37,7 @@ class EmbedJob:
             sum(estimate_tokens(self.texts[i]) for i in pick),
             self.suspect,
             self.lane,
+            tuple(self.docs[i] for i in pick) if self.docs else (),
         )
 
     def all_ids(self) -> list[int]:

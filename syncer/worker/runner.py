@@ -13,6 +13,7 @@ import contextlib
 import logging
 from typing import Any
 
+from syncer.chunking import SplitPool
 from syncer.config import PipelineConfig, ProviderConfig, WorkerConfig
 from syncer.db import Database
 from syncer.observe import Events, InFlightChanged
@@ -20,9 +21,10 @@ from syncer.providers import Embedder
 from syncer.queue import Queue
 from syncer.retry import RetryPolicy
 from syncer.targets.store import VectorStore, WriteBatch
+from syncer.worker.chunks import ChunkDispatcher, ChunkResults, splitter_for
 from syncer.worker.claimer import Claimer
 from syncer.worker.dispatcher import Dispatcher
-from syncer.worker.embedding import Embedding
+from syncer.worker.embedding import Embedding, Results
 from syncer.worker.failures import FailureRouter
 from syncer.worker.inflight import InFlight
 from syncer.worker.jobs import JobQueue
@@ -69,9 +71,27 @@ class PipelineRunner:
         write_q: asyncio.Queue[WriteBatch] = asyncio.Queue(maxsize=self.n_embedders * 4)
         policy = RetryPolicy(wcfg, provider.breaker_reset_s)
         failures = FailureRouter(p.name, queue, db, policy, self.in_flight, events)
-        dispatcher = Dispatcher(
-            p, provider, request_inputs, store, db, self.in_flight, failures, self.embed_q, write_q
-        )
+        self.splits: SplitPool | None = None
+        results: Results | None = None
+        dispatcher: Dispatcher | ChunkDispatcher
+        if p.target == "chunks":
+            self.splits = SplitPool(splitter_for(p, provider), wcfg.split_workers)
+            results = ChunkResults(self.in_flight)
+            dispatcher = ChunkDispatcher(
+                p, provider, request_inputs, store, db, failures, self.embed_q, write_q, self.splits
+            )
+        else:
+            dispatcher = Dispatcher(
+                p,
+                provider,
+                request_inputs,
+                store,
+                db,
+                self.in_flight,
+                failures,
+                self.embed_q,
+                write_q,
+            )
         self.claimer = Claimer(
             p.name,
             wcfg,
@@ -95,6 +115,7 @@ class PipelineRunner:
             events,
             self.embed_q,
             write_q,
+            results,
         )
         self.writer = Writer(p.name, store, db, self.in_flight, events, write_q)
 
@@ -122,6 +143,8 @@ class PipelineRunner:
             for t in tasks:
                 t.cancel()
             await asyncio.gather(*tasks, return_exceptions=True)
+            if self.splits is not None:
+                self.splits.close()
             if len(self.in_flight):
                 # Hard stop: hand unfinished items back now instead of at lease end.
                 left = self.in_flight.ids()
