@@ -89,7 +89,9 @@ class Worker:
         if self.monitor is not None:
             source = source_for(self.cfg)
             tasks = [*runs, listener, feeder]
-            self.monitor.attach(self.db, side, tasks, self.embedders, source.status, self.worker_id)
+            self.monitor.attach(
+                self.db, side, tasks, self.embedders, source.status, self.worker_id, self.rendered
+            )
         log.info(
             "worker started",
             extra={"worker_id": self.worker_id, "pipelines": [r.p.name for r in self.runners]},
