@@ -26,3 +26,5 @@ for k in deploy/kubernetes/base deploy/kubernetes/overlays/example; do
   "$bin/kubernetes-validate" --strict --quiet -k "$k8s_version" "$f"
   echo "kubernetes: $k renders and validates against $k8s_version"
 done
+
+deploy/promtool.sh

@@ -213,6 +213,23 @@ async def status(cfg: Config) -> tuple[list[PipelineStatus], asyncpg.Record | No
         await conn.close()
 
 
+async def pause(cfg: Config, pipeline: str | None, paused: bool, by: str = "") -> list[str]:
+    """Pause (or resume) the pipeline, or every configured one; returns their names. Every
+    replica stops claiming within seconds (see worker/pause.py)."""
+    names = [p.name for p in select(cfg, pipeline)]  # an unknown name lists the known ones
+    conn = await _installed(cfg)
+    try:
+        for name in names:
+            await checked_pipeline(conn, cfg.pipeline(name))
+        if paused:
+            rows = await conn.fetch(query("pipeline_pause"), names, by)
+        else:
+            rows = await conn.fetch(query("pipeline_resume"), names)
+        return [r["name"] for r in rows]
+    finally:
+        await conn.close()
+
+
 @dataclass(frozen=True)
 class DeadLetterFilter:
     pipeline: str | None = None

@@ -1,4 +1,4 @@
-"""`syncer install · run · backfill · status · uninstall · roles · demo`."""
+"""`syncer install · run · backfill · status · pause · resume · uninstall · roles · demo`."""
 
 from __future__ import annotations
 
@@ -18,6 +18,8 @@ import asyncio  # after the handler: the imports take the first half second
 import functools
 import importlib
 import logging
+import os
+import socket
 import traceback
 from collections.abc import Callable, Coroutine
 from datetime import UTC, datetime
@@ -255,6 +257,32 @@ def _listen(value: str | None) -> str | None:
         except ValueError as err:
             raise click.BadParameter(str(err), param_hint="'--listen'") from None
     return value
+
+
+def _who() -> str:
+    try:
+        user = os.getlogin()
+    except OSError:
+        user = os.environ.get("USER", "?")
+    return f"{user}@{socket.gethostname()}"
+
+
+@main.command()
+@click.option("--pipeline", default=None, help="Only this pipeline (default: every one).")
+@click.pass_obj
+def pause(obj: Ctx, pipeline: str | None) -> None:
+    """Stop claiming (capture goes on): every replica within 2 s; in-flight requests finish."""
+    names = _run_async(app.pause(obj.config(), pipeline, paused=True, by=_who()))
+    click.echo(f"paused: {', '.join(names)}")
+
+
+@main.command()
+@click.option("--pipeline", default=None, help="Only this pipeline (default: every one).")
+@click.pass_obj
+def resume(obj: Ctx, pipeline: str | None) -> None:
+    """Claim again what `pause` held back."""
+    names = _run_async(app.pause(obj.config(), pipeline, paused=False))
+    click.echo(f"resumed: {', '.join(names)}")
 
 
 @main.command()

@@ -65,6 +65,12 @@ class CircuitOpenError(RetryableError):
     error_class = "circuit_open"
 
 
+class PausedError(CircuitOpenError):
+    """Not sent: the pipeline was paused (`syncer pause`); its items go back to the queue."""
+
+    error_class = "paused"
+
+
 class InputError(SyncerError):
     """One input can never be embedded as it is (the provider rejected it)."""
 

@@ -96,6 +96,14 @@ class QueueSampled:
 
 
 @dataclass(frozen=True, slots=True)
+class CoverageSampled:
+    """Rows with text that have their current vector, as a share (status.coverage's way)."""
+
+    pipeline: str
+    ratio: float
+
+
+@dataclass(frozen=True, slots=True)
 class ProcessSampled:
     """The process's own state, sampled with the queue: pool, breakers, slot lag."""
 
@@ -121,6 +129,7 @@ Event = (
     | TokensUsed
     | QueueSampled
     | ProcessSampled
+    | CoverageSampled
     | LoopLag
 )
 Handler = Callable[[Event], None]
@@ -189,6 +198,7 @@ LOOP_LAG = Gauge("syncer_event_loop_lag_seconds", "How late the event loop ran a
 SLOT_LAG = Gauge("syncer_slot_lag_bytes", "WAL the logical slot has not confirmed yet")
 IN_FLIGHT = Gauge("syncer_in_flight_items", "Claimed items not yet finished", ["pipeline"])
 CLAIMS = Counter("syncer_claims_total", "Claim queries", ["pipeline"])
+COVERAGE = Gauge("syncer_coverage_ratio", "Rows with text whose vector is current", ["pipeline"])
 
 
 def prometheus(event: Event) -> None:
@@ -197,6 +207,8 @@ def prometheus(event: Event) -> None:
             _queue_sampled(event)
         case ProcessSampled():
             _process_sampled(event)
+        case CoverageSampled(pipeline, ratio):
+            COVERAGE.labels(pipeline).set(ratio)
         case Written(pipeline, n, seconds, ages_s):
             WRITE_SECONDS.labels(pipeline).observe(seconds)
             VECTORS_WRITTEN.labels(pipeline).inc(n)

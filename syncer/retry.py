@@ -19,6 +19,7 @@ from syncer.errors import (
     CircuitOpenError,
     DimensionError,
     InputError,
+    PausedError,
     ProviderError,
     RateLimitedError,
     RetryableError,
@@ -102,6 +103,8 @@ class RetryPolicy:
             # The provider refuses everything (a bad key, an unknown model): not the item's
             # fault; back when the provider is asked again.
             return Decision(False, self.breaker_reset_s, counts=False)
+        if isinstance(err, PausedError):
+            return Decision(False, 0.0, counts=False)  # never sent: claimable on resume
         # Never sent (the breaker was open): the attempt is not the item's to spend.
         counts = not isinstance(err, CircuitOpenError)
         if counts and attempts >= self.max_attempts:

@@ -11,6 +11,7 @@ import psycopg
 from syncer.capture.notify import (
     CHANNELS,
     Captured,
+    Control,
     Handlers,
     Listener,
     Message,
@@ -23,9 +24,13 @@ from syncer.db import connect_kwargs
 
 def test_each_channel_is_parsed_into_its_message() -> None:
     # The channels and payloads the triggers, the slot reader and the commands send.
-    assert CHANNELS == ("syncer", "syncer_inbox")
+    assert CHANNELS == ("syncer", "syncer_inbox", "syncer_control")
     assert parse("syncer", "docs") == Wakeup("docs")
     assert parse("syncer_inbox", "docs") == Captured("docs")
+    assert parse("syncer_control", "pause:docs") == Control("docs", paused=True)
+    assert parse("syncer_control", "resume:a:b") == Control("a:b", paused=False)
+    assert parse("syncer_control", "stop:docs") is None
+    assert parse("syncer_control", "pause:") is None
     assert parse("somebody_else", "docs") is None
 
 
@@ -34,7 +39,10 @@ def test_messages_go_to_their_handlers() -> None:
     handlers = Handlers(seen.append, seen.append, lambda: seen.append("connected"))
     handlers.dispatch(Captured("a"))
     handlers.dispatch(Wakeup("b"))
+    handlers.dispatch(Control("c", paused=True))  # no control handler: ignored
     assert seen == [Captured("a"), Wakeup("b")]
+    Handlers(seen.append, seen.append, seen.clear, seen.append).dispatch(Control("c", False))
+    assert seen[-1] == Control("c", False)
 
 
 def test_worker_handlers_wake_the_claimer_the_mover_or_everyone() -> None:

@@ -12,6 +12,7 @@ from syncer.errors import (
     DimensionError,
     InputError,
     InputTooLongError,
+    PausedError,
     ProviderError,
     RateLimitedError,
     RetryableError,
@@ -53,6 +54,9 @@ def test_failures_not_the_items_fault_spend_no_attempt() -> None:
         d = POLICY.decide(err, attempts=99)
         assert not d.dead_letter and not d.counts
     assert POLICY.decide(ProviderError("HTTP 401"), attempts=1).delay_s == 30.0
+    # Paused before it was sent: back at once, claimable the moment the pipeline resumes.
+    d = POLICY.decide(PausedError("pipeline docs is paused"), attempts=99)
+    assert (d.dead_letter, d.delay_s, d.counts) == (False, 0.0, False)
 
 
 def test_in_process_retries() -> None:

@@ -8,6 +8,7 @@ import asyncio
 from collections.abc import Callable, Mapping
 
 from syncer.capture.base import CaptureSide, CaptureSource, always_caught_up
+from syncer.capture.notify import Control
 from syncer.capture.trigger import TriggerCapture
 from syncer.config import Config
 from syncer.db import Database
@@ -39,6 +40,7 @@ def start_capture_side(
     wakeups: Mapping[str, asyncio.Event],
     stop: asyncio.Event,
     rendered: Mapping[str, PipelineSQL],
+    control: Callable[[Control], None] | None = None,
 ) -> CaptureSide:
     """Start the process's capture side: its LISTEN connection and its feeder."""
-    return source_for(cfg).start(db, wakeups, stop, rendered)
+    return source_for(cfg).start(db, wakeups, stop, rendered, control)

@@ -11,6 +11,7 @@ from typing import Protocol
 import asyncpg
 from psycopg import sql
 
+from syncer.capture.notify import Control
 from syncer.config import PipelineConfig
 from syncer.db import Database
 from syncer.schema.render import PipelineSQL
@@ -69,8 +70,10 @@ class CaptureSource(Protocol):
         wakeups: Mapping[str, asyncio.Event],
         stop: asyncio.Event,
         rendered: Mapping[str, PipelineSQL],
+        control: Callable[[Control], None] | None = None,
     ) -> CaptureSide:
-        """Start this process's capture side; `wakeups` wake each pipeline's claimer."""
+        """Start this process's capture side; `wakeups` wake each pipeline's claimer,
+        `control` hears pause and resume."""
 
     async def status(self, conn: asyncpg.Connection) -> asyncpg.Record | None:
         """The slot's state for `status` (logical mode; None without a slot)."""

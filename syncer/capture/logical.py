@@ -25,7 +25,7 @@ import os
 import select
 import threading
 import time
-from collections.abc import Mapping
+from collections.abc import Callable, Mapping
 
 import asyncpg
 import psycopg2
@@ -33,7 +33,7 @@ import psycopg2.errors
 import psycopg2.extras
 
 from syncer.capture.base import CaptureSide, ident
-from syncer.capture.notify import start_listener, worker_handlers
+from syncer.capture.notify import Control, start_listener, worker_handlers
 from syncer.capture.pgoutput import Changes, Decoder
 from syncer.capture.trigger import drop_triggers, move_inbox
 from syncer.config import CaptureConfig, Config, PipelineConfig
@@ -319,8 +319,10 @@ class LogicalCapture:
         wakeups: Mapping[str, asyncio.Event],
         stop: asyncio.Event,
         rendered: Mapping[str, PipelineSQL],
+        control: Callable[[Control], None] | None = None,
     ) -> CaptureSide:
-        listen_task = start_listener(self.cfg.database.url, worker_handlers(wakeups), stop)
+        handlers = worker_handlers(wakeups, control=control)
+        listen_task = start_listener(self.cfg.database.url, handlers, stop)
         reader = SlotReader(self.cfg, db.pool, rendered, wakeups)
         return CaptureSide(
             listen_task,

@@ -5,10 +5,12 @@ What is sent (by the capture triggers, the slot reader, backfill and replay-dlq)
 message kind per channel, the payload a pipeline's name:
 - `syncer`: the pipeline's queue has new items (Wakeup), for its claimer;
 - `syncer_inbox`: the pipeline's rows were captured into the inbox (Captured), for the
-  inbox mover.
+  inbox mover;
+- `syncer_control`: `pause:<pipeline>` or `resume:<pipeline>` (Control), sent by
+  `syncer pause` and `syncer resume`, for the process's pause state.
 A NOTIFY only wakes a waiter early: everything it announces is also found by a poll, so a
-lost one only delays. A new kind (the control messages: pause, resume, quota) is a
-dataclass here, its channel in `_KINDS`, and a field of Handlers.
+lost one only delays. A new kind is a dataclass here, its channel in `_KINDS`, and a field
+of Handlers.
 """
 
 from __future__ import annotations
@@ -30,6 +32,7 @@ from syncer.db import LOST, PROBE_MAX_S, PROBE_MIN_S, connect_kwargs
 log = logging.getLogger("syncer.capture")
 CHANNEL = "syncer"  # payload: a pipeline whose queue has new items
 INBOX_CHANNEL = "syncer_inbox"  # payload: a pipeline whose rows were captured
+CONTROL_CHANNEL = "syncer_control"  # payload: "pause:<pipeline>" or "resume:<pipeline>"
 
 
 @dataclass(frozen=True)
@@ -46,9 +49,28 @@ class Captured:
     pipeline: str
 
 
-Message = Wakeup | Captured
+@dataclass(frozen=True)
+class Control:
+    """The pipeline was paused (or resumed): the state is in syncer.pipelines."""
 
-_KINDS: dict[str, Callable[[str], Message]] = {CHANNEL: Wakeup, INBOX_CHANNEL: Captured}
+    pipeline: str
+    paused: bool
+
+
+def _control(payload: str) -> Control | None:
+    action, _, pipeline = payload.partition(":")
+    if action not in ("pause", "resume") or not pipeline:
+        return None  # not ours: ignored, the poll reads the state anyway
+    return Control(pipeline, action == "pause")
+
+
+Message = Wakeup | Captured | Control
+
+_KINDS: dict[str, Callable[[str], Message | None]] = {
+    CHANNEL: Wakeup,
+    INBOX_CHANNEL: Captured,
+    CONTROL_CHANNEL: _control,
+}
 CHANNELS = tuple(_KINDS)
 
 
@@ -66,6 +88,7 @@ class Handlers:
     wakeup: Callable[[Wakeup], None]
     captured: Callable[[Captured], None]
     connected: Callable[[], None]
+    control: Callable[[Control], None] = lambda _msg: None
 
     def dispatch(self, msg: Message) -> None:
         match msg:
@@ -73,15 +96,20 @@ class Handlers:
                 self.wakeup(msg)
             case Captured():
                 self.captured(msg)
+            case Control():
+                self.control(msg)
             case _:
                 assert_never(msg)
 
 
 def worker_handlers(
-    wakeups: Mapping[str, asyncio.Event], kick: asyncio.Event | None = None
+    wakeups: Mapping[str, asyncio.Event],
+    kick: asyncio.Event | None = None,
+    control: Callable[[Control], None] | None = None,
 ) -> Handlers:
     """A worker's: a Wakeup wakes its pipeline's claimer, a Captured wakes the inbox mover
-    (`kick`; logical mode has none), a (re)connect wakes them all."""
+    (`kick`; logical mode has none), a Control goes to the pause state (`control`), a
+    (re)connect wakes them all."""
 
     def wakeup(msg: Wakeup) -> None:
         event = wakeups.get(msg.pipeline)
@@ -98,7 +126,7 @@ def worker_handlers(
         for event in wakeups.values():
             event.set()
 
-    return Handlers(wakeup, captured, connected)
+    return Handlers(wakeup, captured, connected, control or (lambda _msg: None))
 
 
 class Listener:

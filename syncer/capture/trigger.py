@@ -20,7 +20,7 @@ import asyncio
 import contextlib
 import logging
 import time
-from collections.abc import Mapping
+from collections.abc import Callable, Mapping
 from typing import Any
 
 import asyncpg
@@ -28,7 +28,7 @@ import asyncpg
 from syncer import targets
 from syncer.aio import wait_first
 from syncer.capture.base import CaptureSide, always_caught_up, ident
-from syncer.capture.notify import start_listener, worker_handlers
+from syncer.capture.notify import Control, start_listener, worker_handlers
 from syncer.config import Config, PipelineConfig
 from syncer.db import Database
 from syncer.schema.catalog import is_partitioned
@@ -206,10 +206,12 @@ class TriggerCapture:
         wakeups: Mapping[str, asyncio.Event],
         stop: asyncio.Event,
         rendered: Mapping[str, PipelineSQL],
+        control: Callable[[Control], None] | None = None,
     ) -> CaptureSide:
         """A capture NOTIFY wakes the mover through a shared event."""
         kick = asyncio.Event()
-        listen_task = start_listener(self.cfg.database.url, worker_handlers(wakeups, kick), stop)
+        handlers = worker_handlers(wakeups, kick, control)
+        listen_task = start_listener(self.cfg.database.url, handlers, stop)
         mover = InboxMover(db, wakeups, kick, self.cfg.worker.poll_interval_s)
         return CaptureSide(
             listen_task, asyncio.create_task(mover.run(stop), name="inbox-mover"), always_caught_up

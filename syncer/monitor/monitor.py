@@ -17,6 +17,7 @@ from syncer.monitor.loop import LoopWatch, report_allocations, tracemalloc_every
 from syncer.monitor.sampler import Sampler, SlotLag
 from syncer.monitor.server import Server
 from syncer.providers import Embedder
+from syncer.schema.render import PipelineSQL
 
 
 class Monitor:
@@ -48,6 +49,7 @@ class Monitor:
         embedders: Mapping[str, Embedder],
         slot_lag: SlotLag | None,
         worker_id: str,
+        rendered: Mapping[str, PipelineSQL] | None = None,
     ) -> None:
         """The worker runs: readiness follows its database and capture, the sampler starts."""
         self.health.db = db
@@ -57,6 +59,9 @@ class Monitor:
         self.events.subscribe(sampler.written)
         self._sampler = sampler
         self._spawn(sampler.run(), "sampler")
+        if rendered:
+            sampler.rendered = rendered
+            self._spawn(sampler.run_coverage(), "coverage-sampler")
 
     def _spawn(self, coro: Coroutine[Any, Any, None], name: str) -> None:
         self._tasks.append(asyncio.create_task(coro, name=name))

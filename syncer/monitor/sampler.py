@@ -14,15 +14,19 @@ import asyncpg
 
 from syncer.db import LOST, Database
 from syncer.monitor.health import Health
-from syncer.observe import Event, ProcessSampled, QueueSampled, Written
+from syncer.observe import CoverageSampled, Event, ProcessSampled, QueueSampled, Written
 from syncer.providers import Embedder, GuardedClient
 from syncer.schema.migrations import missing_versions
+from syncer.schema.render import PipelineSQL
 from syncer.sqlfiles import query
 
 log = logging.getLogger("syncer.monitor")
 
 SAMPLE_S = 2.0  # a lost database shows in /readyz within this and the probe's first try
 SAMPLE_TIMEOUT_S = 5.0
+# Coverage reads the source table (a sample of it above status.COVERAGE_EXACT_ROWS): once a
+# minute per process is enough for an alert that waits 30 min.
+COVERAGE_SAMPLE_S = 60.0
 
 SlotLag = Callable[[asyncpg.Connection], Awaitable[asyncpg.Record | None]]
 
@@ -44,6 +48,7 @@ class Sampler:
         self.slot_lag = slot_lag
         self.worker_id = worker_id
         self.last_writes: dict[str, datetime] = {}  # since the last sample, by pipeline
+        self.rendered: Mapping[str, PipelineSQL] = {}  # the pipelines whose coverage it samples
 
     def written(self, event: Event) -> None:
         """A subscriber: note when each pipeline last committed, for the next sample."""
@@ -60,6 +65,23 @@ class Sampler:
             except asyncpg.PostgresError as err:
                 log.warning("queue sample failed", extra={"error": str(err)})
             await asyncio.sleep(SAMPLE_S)
+
+    async def run_coverage(self) -> None:
+        from syncer.status import coverage  # status reads what capture says of the slot
+
+        while True:
+            for name, rendered in self.rendered.items():
+                try:
+                    async with self.db.pool.acquire(timeout=SAMPLE_TIMEOUT_S) as conn:
+                        cov = await coverage(conn, rendered)  # type: ignore[arg-type]
+                except (TimeoutError, *LOST, asyncpg.PostgresError) as err:
+                    log.warning(
+                        "coverage sample failed", extra={"pipeline": name, "error": str(err)}
+                    )
+                    continue
+                if cov.with_text:
+                    self.emit(CoverageSampled(name, cov.current / cov.with_text))
+            await asyncio.sleep(COVERAGE_SAMPLE_S)
 
     async def forget(self) -> None:
         """At stop: record the last writes, and this process no longer runs (status stops

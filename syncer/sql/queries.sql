@@ -270,3 +270,27 @@ SELECT p.name, p.paused_at IS NOT NULL AS paused, p.paused_at, p.last_write_at,
                       WHERE p.name = ANY (r.pipelines) AND r.seen_at > now() - interval '30 s'
                       ORDER BY r.worker_id), '{}') AS runners
 FROM syncer.pipelines p ORDER BY p.name;
+
+-- pipeline_pause --
+-- `syncer pause`: $1 the pipelines, $2 who paused them. A pipeline already paused keeps its
+-- first pause. The NOTIFY reaches every replica when the transaction commits (and their
+-- poll reads the state in any case): capture goes on, claims stop.
+WITH paused AS (
+    UPDATE syncer.pipelines
+    SET paused_at = coalesce(paused_at, now()), paused_by = coalesce(paused_by, $2)
+    WHERE name = ANY($1::text[])
+    RETURNING name
+)
+SELECT name, pg_notify('syncer_control', 'pause:' || name) FROM paused ORDER BY name;
+
+-- pipeline_resume --
+WITH resumed AS (
+    UPDATE syncer.pipelines SET paused_at = NULL, paused_by = NULL
+    WHERE name = ANY($1::text[])
+    RETURNING name
+)
+SELECT name, pg_notify('syncer_control', 'resume:' || name) FROM resumed ORDER BY name;
+
+-- pipelines_paused --
+-- Read by every process on a control NOTIFY, on (re)connect and every second.
+SELECT name FROM syncer.pipelines WHERE paused_at IS NOT NULL;

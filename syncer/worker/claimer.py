@@ -16,6 +16,7 @@ from syncer.observe import Claimed, Events
 from syncer.providers import Embedder
 from syncer.queue import Item, Queue
 from syncer.worker.inflight import InFlight
+from syncer.worker.pause import Pauses
 
 
 class Dispatch(Protocol):
@@ -54,11 +55,18 @@ class Claimer:
         self.events = events
         self.wakeup = wakeup
         self.capture_caught_up: Callable[[], Awaitable[bool]] = always_caught_up
+        self.pauses: Pauses | None = None  # `syncer pause`: claim nothing meanwhile
 
     async def run(self, stop: asyncio.Event, exit_when_idle: bool) -> None:
         """Until stop is set (or, with exit_when_idle, until nothing is left)."""
         freed = self.in_flight.freed
         while not stop.is_set():
+            if self.pauses is not None and self.pauses.is_paused(self.pipeline):
+                if exit_when_idle:
+                    return  # nothing will be claimed: as idle as this run gets
+                self.wakeup.clear()  # what it announces is claimed on resume
+                await wait_first(stop, self.pauses.resumed(self.pipeline))
+                continue
             wait_s = self.embedder.ready_in_s()
             if wait_s > 0:
                 # Open breaker, 429 pause or a refusing provider: claim nothing meanwhile.

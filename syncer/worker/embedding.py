@@ -5,12 +5,19 @@ from __future__ import annotations
 
 import asyncio
 import time
-from collections.abc import Iterable
+from collections.abc import Callable, Iterable
 from dataclasses import dataclass, field
 from typing import Protocol
 
 from syncer.config import PipelineConfig
-from syncer.errors import CircuitOpenError, InputError, ProviderError, RetryableError, SyncerError
+from syncer.errors import (
+    CircuitOpenError,
+    InputError,
+    PausedError,
+    ProviderError,
+    RetryableError,
+    SyncerError,
+)
 from syncer.observe import ApiRequest, Events
 from syncer.providers import Embedder, EmbedRequest, Vectors
 from syncer.retry import RetryPolicy
@@ -86,6 +93,7 @@ class Embedding:
         self.events = events
         self.embed_q = embed_q
         self.write_q = write_q
+        self.paused: Callable[[], bool] = lambda: False  # `syncer pause`: send nothing new
 
     async def run(self) -> None:
         while True:
@@ -172,6 +180,8 @@ class Embedding:
         deadline = time.monotonic() + self.item_deadline_s
         retry = 0
         while True:
+            if self.paused():
+                raise PausedError(f"pipeline {self.p.name} is paused")
             started = time.perf_counter()
             try:
                 vectors = await self.embedder.embed(req)

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import functools
 import logging
 import os
 import socket
@@ -20,6 +21,7 @@ from syncer.providers import Embedder, GuardedClient
 from syncer.queue import Queue
 from syncer.schema.render import PipelineSQL
 from syncer.targets import store_for
+from syncer.worker.pause import Pauses
 from syncer.worker.runner import PipelineRunner, supervise
 
 log = logging.getLogger("syncer.worker")
@@ -70,23 +72,32 @@ class Worker:
         ]
 
     async def run(self, stop: asyncio.Event, exit_when_idle: bool = False) -> None:
-        side = start_capture_side(self.cfg, self.db, self.wakeups, stop, self.rendered)
+        pauses = Pauses(self.wakeups)
+        await pauses.refresh(self.db)  # a pipeline paused before the start claims nothing
+        side = start_capture_side(
+            self.cfg, self.db, self.wakeups, stop, self.rendered, pauses.heard
+        )
         listener, feeder = side.listener, side.feeder
+        watch = asyncio.create_task(pauses.run(self.db, stop), name="pauses")
         for r in self.runners:
             r.claimer.capture_caught_up = side.caught_up
+            r.claimer.pauses = pauses
+            r.embedding.paused = functools.partial(pauses.is_paused, r.p.name)
         runs = [
             asyncio.create_task(r.run(stop, exit_when_idle), name=r.p.name) for r in self.runners
         ]
         if self.monitor is not None:
             source = source_for(self.cfg)
             tasks = [*runs, listener, feeder]
-            self.monitor.attach(self.db, side, tasks, self.embedders, source.status, self.worker_id)
+            self.monitor.attach(
+                self.db, side, tasks, self.embedders, source.status, self.worker_id, self.rendered
+            )
         log.info(
             "worker started",
             extra={"worker_id": self.worker_id, "pipelines": [r.p.name for r in self.runners]},
         )
         try:
-            await supervise(asyncio.gather(*runs), [listener, feeder])
+            await supervise(asyncio.gather(*runs), [listener, feeder, watch])
         finally:
             stop.set()
             for t in runs:
@@ -95,7 +106,8 @@ class Worker:
             # The mover clears its "awake" on the way out, the slot reader queues what it
             # has read; the listener just goes.
             listener.cancel()
+            watch.cancel()
             with contextlib.suppress(TimeoutError):
                 await asyncio.wait_for(asyncio.shield(feeder), timeout=5.0)
             feeder.cancel()
-            await asyncio.gather(listener, feeder, return_exceptions=True)
+            await asyncio.gather(listener, feeder, watch, return_exceptions=True)
