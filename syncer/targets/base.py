@@ -42,6 +42,10 @@ class Target(Protocol):
         row does not: the delete trigger and the slot's deletes are for this.)"""
 
     @property
+    def inputs_per_item(self) -> int:
+        """About how many API inputs one queue item makes (a row: 1; a document: many)."""
+
+    @property
     def writes_source(self) -> bool:
         """Do its writes update the watched source table (logical mode marks them)?"""
 

@@ -52,6 +52,9 @@ class ChunksTarget:
     hash_column = "doc_hash"
     needs_deletes = True  # chunks outlive their source row unless deleted
     writes_source = False
+    # A document is many chunks: the window of items in flight is cut by this (a guess of
+    # chunks per document), so that it holds about as many API inputs as for rows.
+    inputs_per_item = 16
     statements_file = "targets/chunks.sql"
     statements = ("vectors_write_chunks", "vectors_delete_chunks", "chunks_stored")
 

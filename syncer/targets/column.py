@@ -30,6 +30,7 @@ class ColumnTarget:
     p: PipelineConfig
 
     needs_deletes = False  # a deleted row takes its vector with it
+    inputs_per_item = 1  # API inputs one queue item makes (sizes the claim window)
     writes_source = True
     statements_file = "targets/column.sql"
     statements = ("vectors_write_column",)

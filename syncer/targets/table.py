@@ -31,6 +31,7 @@ class TableTarget:
 
     hash_column = "content_hash"
     needs_deletes = True  # a side-table row outlives its source row unless deleted
+    inputs_per_item = 1  # API inputs one queue item makes (sizes the claim window)
     writes_source = False
     statements_file = "targets/table.sql"
     statements = ("vectors_write_table", "vectors_delete_table")

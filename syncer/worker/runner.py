@@ -20,6 +20,7 @@ from syncer.observe import Events, InFlightChanged
 from syncer.providers import Embedder
 from syncer.queue import Queue
 from syncer.retry import RetryPolicy
+from syncer.targets import for_pipeline
 from syncer.targets.store import VectorStore, WriteBatch
 from syncer.worker.chunks import ChunkDispatcher, ChunkResults, splitter_for
 from syncer.worker.claimer import Claimer
@@ -40,7 +41,8 @@ STOP_CLAIMER_S = 0.5  # a claim in flight finishes (never strand one); a blocked
 def window(p: PipelineConfig, provider: ProviderConfig, wcfg: WorkerConfig) -> tuple[int, int, int]:
     """(texts per API request, items in flight at most, items per claim while busy)."""
     request_inputs = min(p.batch_size, provider.max_inputs_per_request)
-    capacity = provider.max_concurrency * request_inputs * wcfg.in_flight_batches
+    inputs = provider.max_concurrency * request_inputs * wcfg.in_flight_batches
+    capacity = max(request_inputs, inputs // for_pipeline(p).inputs_per_item)
     # While busy, claim in chunks of a quarter of the window: every claim costs a claim and
     # a fetch round trip, and 64-row claims cannot keep 8 requests busy.
     return request_inputs, capacity, max(request_inputs, capacity // 4)
