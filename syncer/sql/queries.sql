@@ -4,14 +4,17 @@
 -- Claim ready items of pipeline $1 for worker $4, leased for $3 seconds: up to $2 in all,
 -- live first, but up to $5 of them bulk first (the bulk lane's guaranteed share), and what
 -- live leaves over bulk again. A key another worker holds a live lease on is skipped: its
--- text is being embedded now, and a second claim would pay for it again.
+-- text is being embedded now, and a second claim would pay for it again. A key this worker
+-- holds is not: an edit of a row whose bulk item is in flight is claimed at once (the
+-- worker's own in-flight table joins it to a running embedding of the same text).
 -- The MATERIALIZED fences keep the planner from locking more rows than each LIMIT.
 WITH bulk AS MATERIALIZED (
     SELECT id FROM syncer.queue q
     WHERE pipeline = $1 AND lane = 1
       AND not_before <= now() AND (leased_until IS NULL OR leased_until < now())
       AND NOT EXISTS (SELECT FROM syncer.queue o
-                      WHERE o.pipeline = q.pipeline AND o.key = q.key AND o.leased_until > now())
+                      WHERE o.pipeline = q.pipeline AND o.key = q.key AND o.leased_until > now()
+                        AND o.leased_by <> $4)
     ORDER BY id
     LIMIT $5
     FOR UPDATE SKIP LOCKED
@@ -20,7 +23,8 @@ WITH bulk AS MATERIALIZED (
     WHERE pipeline = $1 AND lane = 0
       AND not_before <= now() AND (leased_until IS NULL OR leased_until < now())
       AND NOT EXISTS (SELECT FROM syncer.queue o
-                      WHERE o.pipeline = q.pipeline AND o.key = q.key AND o.leased_until > now())
+                      WHERE o.pipeline = q.pipeline AND o.key = q.key AND o.leased_until > now()
+                        AND o.leased_by <> $4)
     ORDER BY id
     LIMIT $2 - (SELECT count(*) FROM bulk)
     FOR UPDATE SKIP LOCKED
@@ -29,7 +33,8 @@ WITH bulk AS MATERIALIZED (
     WHERE pipeline = $1 AND lane = 1 AND id > (SELECT coalesce(max(id), 0) FROM bulk)
       AND not_before <= now() AND (leased_until IS NULL OR leased_until < now())
       AND NOT EXISTS (SELECT FROM syncer.queue o
-                      WHERE o.pipeline = q.pipeline AND o.key = q.key AND o.leased_until > now())
+                      WHERE o.pipeline = q.pipeline AND o.key = q.key AND o.leased_until > now()
+                        AND o.leased_by <> $4)
     ORDER BY id
     LIMIT $2 - (SELECT count(*) FROM bulk) - (SELECT count(*) FROM live)
     FOR UPDATE SKIP LOCKED
