@@ -59,7 +59,7 @@ class Dispatcher:
                 self.store.clear(now, row)
                 now.done_ids += ids
                 now.outcomes["cleared"] += len(ids)
-            elif row.hash == row.stored_hash:
+            elif row.hash == row.stored_hash or self.in_flight.written((row.key, row.hash or b"")):
                 now.done_ids += ids
                 now.outcomes["unchanged"] += len(ids)
             elif not self.in_flight.join((row.key, row.hash or b""), ids):
