@@ -11,7 +11,17 @@ from collections.abc import Callable, Coroutine
 from pathlib import Path
 from typing import Any
 
-from bench import capture_cost, chaos, faults, freshness, latency, quota, report, throughput
+from bench import (
+    capture_cost,
+    chaos,
+    claim_cost,
+    faults,
+    freshness,
+    latency,
+    quota,
+    report,
+    throughput,
+)
 from bench.harness import TEMPLATE, Harness
 from bench.report import Result
 
@@ -21,6 +31,7 @@ SCENARIOS: dict[str, Scenario] = {
     "db_bound": throughput.db_bound,
     "latency": latency.run,
     "capture_cost": capture_cost.run,
+    "claim_cost": claim_cost.run,
     "memory": throughput.memory,
     "uvloop": throughput.event_loops,
     "quota": quota.run,
