@@ -9,7 +9,9 @@ from typing import Any
 
 import psycopg
 
+from syncer.queue import BULK, LIVE
 from syncer.testing.fake_embedder import BAD_INPUT_MARKER, FakeEmbedderProcess
+from syncer.worker.jobs import EmbedJob, JobQueue
 from tests.conftest import DEFAULT_PIPELINE, syncer, wait_for
 from tests.test_pipeline import assert_synced, composed, create_docs, fake_vector
 from tests.test_resilience import Background, background
@@ -50,6 +52,48 @@ def test_a_live_edit_overtakes_a_backfill(
     wait_for(lambda: bg.alive() and bulk_left(db) == 0, 60, "the backfill's end")
     assert bg.stop() == 0
     assert assert_synced(db) == 4000
+
+
+def test_a_live_edit_does_not_wait_for_a_full_window_to_drain(
+    db: psycopg.Connection[Any], make_config: Any, fake: FakeEmbedderProcess, background: Any
+) -> None:
+    """The window (64 items, 8 requests of 8, one at a time) is full of bulk work when the
+    edits come: their vectors must come while most of that window is still unfinished. One
+    edit is of a row whose bulk item is in that window's last request."""
+    create_docs(db)
+    db.execute("INSERT INTO docs SELECT g, 'title ' || g, NULL FROM generate_series(1, 200) g")
+    fake.control(latency_ms=300)
+    config = make_config(
+        {**DEFAULT_PIPELINE, "batch_size": 8}, concurrency=1, worker={"in_flight_batches": 8}
+    )
+    assert syncer(config, "install").returncode == 0
+    bg: Background = background(config)
+    leased = "SELECT array_agg(id) FROM syncer.queue WHERE leased_until > now()"
+    window = wait_for(
+        lambda: bg.alive() and len(ids := db.execute(leased).fetchone()[0] or []) == 64 and ids,
+        30,
+        "the window full",
+    )
+    db.execute("UPDATE docs SET body = 'a live edit' WHERE id IN (60, 200)")
+    wait_for(lambda: bg.alive() and current(db, 60) and current(db, 200), 30, "the vectors")
+    still = "SELECT count(*) FROM syncer.queue WHERE id = ANY(%s)"
+    left = db.execute(still, (window,)).fetchone()[0]
+    # Behind the window's queued requests, an edit came after 7 of its 8 requests; behind
+    # its own row's bulk item, after all 8.
+    assert left >= 32, f"the edits waited for the window: {left} of its 64 items left"
+    assert bg.stop() == 0
+
+
+def test_a_live_item_joining_a_waiting_bulk_request_sends_it_first() -> None:
+    def job(key: str, lane: int) -> EmbedJob:
+        return EmbedJob([key], [key], [b"h"], [[1]], 1, lane=lane)
+
+    q = JobQueue()
+    for key in ("a", "b", "c"):
+        q.put_job(job(key, BULK))
+    q.promote(("c", b"h"))
+    q.promote(("x", b"h"))  # not waiting here (sent, or written): nothing to do
+    assert [(j.keys[0], j.lane) for j in q.drain()] == [("c", LIVE), ("a", BULK), ("b", BULK)]
 
 
 def test_bulk_keeps_its_share_under_a_stream_of_edits(
@@ -136,6 +180,7 @@ def test_two_workers_do_not_pay_twice_for_one_text(
     assert assert_synced(db) == 3000
     paid = Counter(fake.inputs())
     twice = sum(n - 1 for n in paid.values() if n > 1)
-    # Without the claim's skip of keys leased elsewhere: ~300-370 of 3,000 (measured). What
-    # is left is two claims running at the very same moment, neither seeing the other's lease.
-    assert twice <= 0.03 * len(paid), f"{twice} texts embedded more than once"
+    # Without the claim's skip of keys leased elsewhere: ~300-370 of 3,000 (measured); with
+    # it but no lock on the key's other items, 11-39 (two claims in concurrent statements,
+    # neither seeing the other's lease); with both, 0 in three runs. The goal: 0.05 %.
+    assert twice <= 0.0005 * sum(paid.values()), f"{twice} texts embedded more than once"

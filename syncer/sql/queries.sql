@@ -4,37 +4,59 @@
 -- Claim ready items of pipeline $1 for worker $4, leased for $3 seconds: up to $2 in all,
 -- live first, but up to $5 of them bulk first (the bulk lane's guaranteed share), and what
 -- live leaves over bulk again. A key another worker holds a live lease on is skipped: its
--- text is being embedded now, and a second claim would pay for it again.
+-- text is being embedded now, and a second claim would pay for it again. A key this worker
+-- holds is not: an edit of a row whose bulk item is in flight is claimed at once (the
+-- worker's own in-flight table joins it to a running embedding of the same text).
 -- The MATERIALIZED fences keep the planner from locking more rows than each LIMIT.
 WITH bulk AS MATERIALIZED (
-    SELECT id FROM syncer.queue q
+    SELECT id, key FROM syncer.queue q
     WHERE pipeline = $1 AND lane = 1
       AND not_before <= now() AND (leased_until IS NULL OR leased_until < now())
       AND NOT EXISTS (SELECT FROM syncer.queue o
-                      WHERE o.pipeline = q.pipeline AND o.key = q.key AND o.leased_until > now())
+                      WHERE o.pipeline = q.pipeline AND o.key = q.key AND o.leased_until > now()
+                        AND o.leased_by <> $4)
     ORDER BY id
     LIMIT $5
     FOR UPDATE SKIP LOCKED
 ), live AS MATERIALIZED (
-    SELECT id FROM syncer.queue q
+    SELECT id, key FROM syncer.queue q
     WHERE pipeline = $1 AND lane = 0
       AND not_before <= now() AND (leased_until IS NULL OR leased_until < now())
       AND NOT EXISTS (SELECT FROM syncer.queue o
-                      WHERE o.pipeline = q.pipeline AND o.key = q.key AND o.leased_until > now())
+                      WHERE o.pipeline = q.pipeline AND o.key = q.key AND o.leased_until > now()
+                        AND o.leased_by <> $4)
     ORDER BY id
     LIMIT $2 - (SELECT count(*) FROM bulk)
     FOR UPDATE SKIP LOCKED
 ), more AS MATERIALIZED (
-    SELECT id FROM syncer.queue q
+    SELECT id, key FROM syncer.queue q
     WHERE pipeline = $1 AND lane = 1 AND id > (SELECT coalesce(max(id), 0) FROM bulk)
       AND not_before <= now() AND (leased_until IS NULL OR leased_until < now())
       AND NOT EXISTS (SELECT FROM syncer.queue o
-                      WHERE o.pipeline = q.pipeline AND o.key = q.key AND o.leased_until > now())
+                      WHERE o.pipeline = q.pipeline AND o.key = q.key AND o.leased_until > now()
+                        AND o.leased_by <> $4)
     ORDER BY id
     LIMIT $2 - (SELECT count(*) FROM bulk) - (SELECT count(*) FROM live)
     FOR UPDATE SKIP LOCKED
+), picked AS MATERIALIZED (
+    SELECT id, key FROM bulk UNION ALL SELECT id, key FROM live UNION ALL SELECT id, key FROM more
+), others AS MATERIALIZED (
+    -- The picked keys' other items, as this statement's snapshot sees them. The check above
+    -- misses a claim that commits after that snapshot: both would embed the key's text.
+    SELECT o.id, o.key FROM syncer.queue o
+    WHERE o.pipeline = $1 AND o.key IN (SELECT key FROM picked)
+      AND o.id NOT IN (SELECT id FROM picked)
+), held AS MATERIALIZED (
+    -- Locked on their newest version: a claim still running holds its item's lock, one
+    -- committed since the snapshot shows its lease here; either leaves the key out.
+    SELECT o.id FROM syncer.queue o
+    WHERE o.id IN (SELECT id FROM others)
+      AND (o.leased_until IS NULL OR o.leased_until < now() OR o.leased_by = $4)
+    FOR UPDATE SKIP LOCKED
 ), claimable AS (
-    SELECT id FROM bulk UNION ALL SELECT id FROM live UNION ALL SELECT id FROM more
+    SELECT p.id FROM picked p
+    WHERE NOT EXISTS (SELECT FROM others s
+                      WHERE s.key = p.key AND s.id NOT IN (SELECT id FROM held))
 )
 UPDATE syncer.queue q
 SET leased_until = now() + make_interval(secs => $3),

@@ -10,7 +10,7 @@ from syncer.config import PipelineConfig, ProviderConfig
 from syncer.db import Database
 from syncer.errors import InputTooLongError, SyncerError
 from syncer.providers.tokens import estimate_tokens, pack_requests, truncate_to_tokens
-from syncer.queue import BULK, Item
+from syncer.queue import BULK, LIVE, Item
 from syncer.targets.store import SourceRow, VectorStore, WriteBatch
 from syncer.worker.failures import FailureRouter
 from syncer.worker.inflight import InFlight
@@ -59,11 +59,13 @@ class Dispatcher:
                 self.store.clear(now, row)
                 now.done_ids += ids
                 now.outcomes["cleared"] += len(ids)
-            elif row.hash == row.stored_hash:
+            elif row.hash == row.stored_hash or self.in_flight.written((row.key, row.hash or b"")):
                 now.done_ids += ids
                 now.outcomes["unchanged"] += len(ids)
             elif not self.in_flight.join((row.key, row.hash or b""), ids):
                 todo.append(row)
+            elif lane_by_key[row.key] == LIVE:
+                self.embed_q.promote((row.key, row.hash or b""))
         if len(now):
             await self.write_q.put(now)
         # Live rows are packed first: they fill the first requests (bulk rows fill what they
@@ -125,4 +127,4 @@ class Dispatcher:
             )
             for key, hash_, ids in zip(job.keys, job.hashes, job.ids, strict=True):
                 self.in_flight.embedding((key, hash_), ids)
-            await self.embed_q.put_job(job)
+            self.embed_q.put_job(job)

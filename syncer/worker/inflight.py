@@ -11,6 +11,7 @@ from syncer.queue import Item
 
 TextId = tuple[str, bytes]  # (key, hash of its text)
 MAX_SUSPECTS = 10_000
+MAX_WRITTEN = 10_000
 
 
 class InFlight:
@@ -26,6 +27,9 @@ class InFlight:
         # Texts a split traced as failing where their neighbours did not (see syncer.retry):
         # sent alone from then on. Forgotten in bulk past MAX_SUSPECTS; they are found again.
         self.suspects: set[TextId] = set()
+        # Texts this process wrote lately: an item whose fetch ran while that write
+        # committed saw neither the vector nor the running embedding, and would pay again.
+        self._written: dict[TextId, None] = {}
 
     def __len__(self) -> int:
         return len(self.attempts)
@@ -62,6 +66,18 @@ class InFlight:
         if len(self.suspects) >= MAX_SUSPECTS:
             self.suspects.clear()
         self.suspects.add(text)
+
+    def wrote(self, texts: Iterable[TextId]) -> None:
+        for text in texts:
+            self._written.pop(text, None)
+            self._written[text] = None
+        while len(self._written) > MAX_WRITTEN:
+            del self._written[next(iter(self._written))]
+
+    def written(self, text: TextId) -> bool:
+        """This very text's vector was committed by this process (the row may have changed
+        since: then a newer item follows, as for an unchanged text)."""
+        return text in self._written
 
     # --- joining a running embedding ----------------------------------------------------
 

@@ -1,9 +1,10 @@
 """One pipeline's stages, joined by bounded queues, and their supervision.
 
-claimer -> dispatcher -> embed_q -> embedding tasks (the provider's limiter bounds the
-requests in flight) -> write_q -> writers (each batch one transaction), with a heartbeat
-that extends the leases of what is in flight. Stop is soft (unsent batches go back at once,
-requests on their way get `shutdown_timeout_s`), then hard (what is left is released).
+claimer -> dispatcher -> embed_q (bounded by the in-flight window) -> embedding tasks (the
+provider's limiter bounds the requests in flight) -> write_q -> writers (each batch one
+transaction), with a heartbeat that extends the leases of what is in flight. Stop is soft
+(unsent batches go back at once, requests on their way get `shutdown_timeout_s`), then hard
+(what is left is released).
 """
 
 from __future__ import annotations
@@ -69,7 +70,7 @@ class PipelineRunner:
         self.n_embedders = provider.max_concurrency
         request_inputs, capacity, claim_min = window(p, provider, wcfg)
         self.in_flight = InFlight(lambda n: events.emit(InFlightChanged(p.name, n)))
-        self.embed_q = JobQueue(maxsize=self.n_embedders * 2)
+        self.embed_q = JobQueue()
         write_q: asyncio.Queue[WriteBatch] = asyncio.Queue(maxsize=self.n_embedders * 4)
         policy = RetryPolicy(wcfg, provider.breaker_reset_s)
         failures = FailureRouter(p.name, queue, db, policy, self.in_flight, events)
@@ -158,9 +159,9 @@ class PipelineRunner:
     async def _cancel_claimer_on_stop(
         self, claimer: asyncio.Task[None], stop: asyncio.Event
     ) -> None:
-        """The claimer may be blocked on a full embedding queue (the rate limiter holding
-        every request) and not see the stop: cancel it. Its claimed items are in flight, so
-        they are finished or released like the others."""
+        """The claimer may be blocked on a full write queue (a slow database) and not see
+        the stop: cancel it. Its claimed items are in flight, so they are finished or
+        released like the others."""
         await stop.wait()
         done, _ = await asyncio.wait([claimer], timeout=STOP_CLAIMER_S)
         if not done:

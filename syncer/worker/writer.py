@@ -44,6 +44,9 @@ class Writer:
             self.events.emit(Written(self.pipeline, written, elapsed_s, ages_s))
             # Vectors the hash guard refused: the text changed and a newer item follows.
             batch.outcomes["stale"] += max(0, len(batch.keys) - written)
+            if written == len(batch.keys):  # else which were refused is not known
+                texts = zip(batch.keys, batch.hashes, strict=True)
+                self.in_flight.wrote((k, h) for k, h in texts if h)
             self._finished(batch.outcomes.items())
             self.in_flight.finish(batch.done_ids)
             late: list[int] = []
