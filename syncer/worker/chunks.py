@@ -219,4 +219,4 @@ class ChunkDispatcher:
                 lane=min(lanes[d.key] for ds in docs for d in ds),
                 docs=tuple(docs),
             )
-            await self.embed_q.put_job(job)
+            self.embed_q.put_job(job)
