@@ -14,7 +14,7 @@ import pytest
 
 from syncer import config as config_mod
 from syncer.errors import ConfigError
-from syncer.testing.fake_embedder import FakeEmbedderProcess, fake_vector
+from syncer.testing.fake_embedder import ALWAYS_500_MARKER, FakeEmbedderProcess, fake_vector
 from tests.conftest import DEFAULT_PIPELINE, start_syncer, syncer, wait_for
 
 DIM = 8
@@ -438,3 +438,33 @@ def test_preview_shows_what_an_edit_would_send(
         assert r.returncode != 0 and expected in r.stderr and "Traceback" not in r.stderr
     r = syncer(config, "chunks", "preview", "--pipeline", "nope", "--key", '{"id": 42}')
     assert r.returncode != 0 and "no pipeline named 'nope'" in r.stderr
+
+
+def test_always_failing_chunk_costs_only_its_document(
+    db: psycopg.Connection[Any], make_config: Any, fake: FakeEmbedderProcess
+) -> None:
+    create_docs(db)
+    config = make_config(chunks_pipeline(batch_size=32), worker={"max_attempts": 3})
+    chunking(config, size=200)
+    poisoned = (5, 23)
+    for i in range(1, 41):
+        paras = document(100 + i, 10)
+        if i in poisoned:
+            paras[4] = f"A paragraph the provider always fails on {ALWAYS_500_MARKER}."
+        db.execute("INSERT INTO docs (id, body) VALUES (%s, %s)", (i, "\n\n".join(paras)))
+    r = syncer(config, "install")
+    assert r.returncode == 0, r.stderr
+    r = syncer(config, "run", "--exit-when-idle", timeout_s=120)
+    assert r.returncode == 0, r.stderr
+    dead = db.execute(
+        "SELECT (key->>'id')::int, error_class, attempts FROM syncer.dead_letters ORDER BY 1"
+    ).fetchall()
+    assert dead == [(i, "retryable", 3) for i in poisoned]
+    assert db.execute(
+        "SELECT count(*) FROM docs_chunks WHERE id = ANY(%s)", (list(poisoned),)
+    ).fetchone() == (0,)
+    db.execute("DELETE FROM docs WHERE id = ANY(%s)", (list(poisoned),))
+    assert assert_chunks_current(db) > 300
+    healthy = [t for t in fake.inputs() if ALWAYS_500_MARKER not in t]
+    assert len(healthy) == len(set(healthy))
+    assert "closed -> open" not in r.stderr, "the breaker opened for one input's sake"

@@ -13,7 +13,9 @@ from __future__ import annotations
 import asyncio
 import hashlib
 import logging
+from collections import OrderedDict
 from collections.abc import Iterable, Sequence
+from typing import Any
 
 import orjson
 
@@ -31,6 +33,8 @@ from syncer.worker.inflight import InFlight
 from syncer.worker.jobs import EmbedJob, JobQueue
 
 log = logging.getLogger("syncer.worker")
+
+MAX_SPARE = 4096  # vectors of failed documents' good chunks kept for their retry (~25 MB)
 
 
 def splitter_for(p: PipelineConfig, provider: ProviderConfig) -> Splitter:
@@ -58,17 +62,25 @@ def compose(p: PipelineConfig, chunk: Chunk, extra: str | None) -> str:
 
 
 class ChunkResults:
-    """Vectors of chunk texts, spread to the documents that wait for them."""
+    """Vectors of chunk texts, spread to the documents that wait for them.
+
+    A document that fails (one chunk failed for good) is not written; the vectors its other
+    chunks got are kept here a while (`spare`), so that its retry pays only for the chunk
+    that failed.
+    """
 
     def __init__(self, in_flight: InFlight) -> None:
         self.in_flight = in_flight
+        self.spare: OrderedDict[bytes, Any] = OrderedDict()
 
     def done(self, job: EmbedJob, vectors: Vectors, batch: WriteBatch) -> None:
         for n, docs in enumerate(job.docs):
             for doc in docs:
                 doc.vectors[job.hashes[n]] = vectors[n]
                 doc.missing.discard(job.hashes[n])
-                if not doc.missing and not doc.failed and self._live(doc):
+                if doc.failed or not self._live(doc):
+                    self._keep({job.hashes[n]: vectors[n]})
+                elif not doc.missing:
                     ready(batch, doc)
 
     def failed_ids(self, job: EmbedJob, inputs: Iterable[int]) -> list[int]:
@@ -78,7 +90,16 @@ class ChunkResults:
                 if not doc.failed and self._live(doc):
                     doc.failed = True
                     out += doc.ids
+                    self._keep(doc.vectors)
         return out
+
+    def take_spare(self, h: bytes) -> Any | None:
+        return self.spare.get(h)
+
+    def _keep(self, vectors: dict[bytes, Any]) -> None:
+        self.spare.update(vectors)
+        while len(self.spare) > MAX_SPARE:
+            self.spare.popitem(last=False)
 
     def _live(self, doc: ChunkDoc) -> bool:
         """Still this process's to finish (not handed back at a stop, nor failed)."""
@@ -99,10 +120,12 @@ class ChunkDispatcher:
         request_inputs: int,
         store: VectorStore,
         db: Database,
+        in_flight: InFlight,
         failures: FailureRouter,
         embed_q: JobQueue,
         write_q: asyncio.Queue[WriteBatch],
         splits: SplitPool,
+        results: ChunkResults,
     ) -> None:
         assert isinstance(store.target, ChunksTarget)
         self.p = p
@@ -112,10 +135,12 @@ class ChunkDispatcher:
         self.store = store
         self.target: ChunksTarget = store.target
         self.db = db
+        self.in_flight = in_flight
         self.failures = failures
         self.embed_q = embed_q
         self.write_q = write_q
         self.splits = splits
+        self.results = results
 
     async def dispatch(self, items: list[Item]) -> None:
         ids_by_key: dict[str, list[int]] = {}
@@ -191,6 +216,10 @@ class ChunkDispatcher:
             for h, text in zip(doc.hashes, doc.texts, strict=True):
                 if (doc.key, h) in stored or (None, h) in stored:
                     continue
+                spare = self.results.take_spare(h)
+                if spare is not None:  # embedded here for a document that then failed
+                    doc.vectors[h] = spare
+                    continue
                 doc.missing.add(h)
                 waiting.setdefault(h, (text, []))[1].append(doc)
         return waiting
@@ -204,18 +233,28 @@ class ChunkDispatcher:
     async def _pack(
         self, waiting: dict[bytes, tuple[str, list[ChunkDoc]]], lanes: dict[str, int]
     ) -> None:
-        # Live documents' chunks first, as for rows.
+        # Live documents' chunks first, as for rows. A chunk text traced as failing where
+        # its neighbours did not (syncer.retry) goes alone, and is not retried in process.
         order = sorted(waiting, key=lambda h: min(lanes[d.key] for d in waiting[h][1]))
+        suspects = self.in_flight.suspects
+        alone = [h for h in order if (waiting[h][1][0].key, h) in suspects]
+        if alone:
+            order = [h for h in order if h not in set(alone)]
         tokens = [estimate_tokens(waiting[h][0]) for h in order]
-        for request in pack_requests(tokens, self.request_inputs, self.max_tokens_per_request):
-            hashes = [order[i] for i in request]
+        requests = [([h], True) for h in alone] + [
+            ([order[i] for i in r], False)
+            for r in pack_requests(tokens, self.request_inputs, self.max_tokens_per_request)
+        ]
+        for hashes, suspect in requests:
             docs = [tuple(dict.fromkeys(waiting[h][1])) for h in hashes]
+            texts = [waiting[h][0] for h in hashes]
             job = EmbedJob(
                 [d[0].key for d in docs],
-                [waiting[h][0] for h in hashes],
+                texts,
                 hashes,
                 [list(dict.fromkeys(i for d in ds for i in d.ids)) for ds in docs],
-                sum(tokens[i] for i in request),
+                sum(estimate_tokens(t) for t in texts),
+                suspect=suspect,
                 lane=min(lanes[d.key] for ds in docs for d in ds),
                 docs=tuple(docs),
             )

@@ -79,9 +79,19 @@ class PipelineRunner:
         dispatcher: Dispatcher | ChunkDispatcher
         if p.target == "chunks":
             self.splits = SplitPool(splitter_for(p, provider), wcfg.split_workers)
-            results = ChunkResults(self.in_flight)
+            results = chunk_results = ChunkResults(self.in_flight)
             dispatcher = ChunkDispatcher(
-                p, provider, request_inputs, store, db, failures, self.embed_q, write_q, self.splits
+                p,
+                provider,
+                request_inputs,
+                store,
+                db,
+                self.in_flight,
+                failures,
+                self.embed_q,
+                write_q,
+                self.splits,
+                chunk_results,
             )
         else:
             dispatcher = Dispatcher(
