@@ -77,34 +77,13 @@ class PipelineRunner:
         self.splits: SplitPool | None = None
         results: Results | None = None
         dispatcher: Dispatcher | ChunkDispatcher
+        stages = (p, provider, request_inputs, store, db, self.in_flight, failures, self.embed_q)
         if p.target == "chunks":
             self.splits = SplitPool(splitter_for(p, provider), wcfg.split_workers)
             results = chunk_results = ChunkResults(self.in_flight)
-            dispatcher = ChunkDispatcher(
-                p,
-                provider,
-                request_inputs,
-                store,
-                db,
-                self.in_flight,
-                failures,
-                self.embed_q,
-                write_q,
-                self.splits,
-                chunk_results,
-            )
+            dispatcher = ChunkDispatcher(*stages, write_q, self.splits, chunk_results)
         else:
-            dispatcher = Dispatcher(
-                p,
-                provider,
-                request_inputs,
-                store,
-                db,
-                self.in_flight,
-                failures,
-                self.embed_q,
-                write_q,
-            )
+            dispatcher = Dispatcher(*stages, write_q)
         self.claimer = Claimer(
             p.name,
             wcfg,
