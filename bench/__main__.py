@@ -19,6 +19,7 @@ from bench import (
     faults,
     freshness,
     latency,
+    observe_cost,
     quota,
     report,
     splitters,
@@ -41,6 +42,7 @@ SCENARIOS: dict[str, Scenario] = {
     "freshness": freshness.run,
     "splitters": splitters.run,
     "chunks": chunks.run,
+    "observe_cost": observe_cost.run,
     "chaos": chaos.run,  # last: it restarts the database server
 }
 
