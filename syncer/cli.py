@@ -34,7 +34,7 @@ from syncer import app
 from syncer import config as config_mod
 from syncer.config import Config
 from syncer.errors import EXIT_THRESHOLD, SyncerError, exit_code
-from syncer.observe import setup_logging
+from syncer.observe import Events, setup_logging
 from syncer.status import PipelineStatus, Thresholds
 
 T = TypeVar("T")
@@ -238,15 +238,25 @@ def run(obj: Ctx, exit_when_idle: bool, listen: str | None) -> None:
     """Run every configured pipeline until SIGTERM or SIGINT."""
     cfg = obj.config()
     embedders = app.make_embedders(cfg, obj.path)
-    result = _run_async(app.run(cfg, embedders, exit_when_idle, listen=listen))
-    for name, s in sorted(result.events.stats.items()):
-        click.echo(
+    from syncer.progress import DrainProgress, Reporter, reporting  # rich: only if needed
+
+    events = Events()
+    work = app.run(cfg, embedders, exit_when_idle, events=events, listen=listen)
+    if exit_when_idle:  # a drain: a bar on a terminal, a line every 10 s otherwise
+        reporter = Reporter("embedded")
+        events.subscribe(DrainProgress(reporter))
+        work = reporting(reporter, work)
+    result = _run_async(work)
+    for name, s in sorted(result.events.stats.items()):  # log lines: JSON under log_format
+        counts = {"embedded": s.embedded, "unchanged": s.unchanged, "cleared": s.cleared}
+        counts.update(dead_lettered=s.dead_lettered, api_calls=s.api_calls)
+        log.info(
             f"pipeline {name}: embedded {s.embedded}, unchanged {s.unchanged}, "
             f"cleared {s.cleared}, dead-lettered {s.dead_lettered}, API calls {s.api_calls}",
-            err=True,
+            extra={"pipeline": name, **counts},
         )
     if result.message:
-        click.echo(result.message, err=True)
+        log.warning(result.message)
     sys.exit(result.exit_code)
 
 
