@@ -99,18 +99,46 @@ async def targets_to_drop(cfg: Config) -> list[str]:
 
 
 async def backfill(
-    cfg: Config, pipeline: str | None, everything: bool, echo: Callable[[str], None] = print
+    cfg: Config,
+    pipeline: str | None,
+    everything: bool,
+    echo: Callable[[str], None] = print,
+    progress: Callable[[int, int | None], None] | None = None,
 ) -> dict[str, int]:
+    """`progress(rows scanned, rows in the tables)`: after each page, the total estimated
+    from the planner's statistics (None while a table has none)."""
     conn = await connect(cfg.database.url)
     try:
         out: dict[str, int] = {}
-        for p in select(cfg, pipeline):
-            rendered = await checked_pipeline(conn, p)
-            out[p.name] = await enqueue_backfill(conn, rendered, everything)
+        chosen = select(cfg, pipeline)
+        rendered = {p.name: await checked_pipeline(conn, p) for p in chosen}
+        sizes = [await estimated_rows(conn, p.table) for p in chosen]
+        total = None if None in sizes else sum(s or 0 for s in sizes)
+        before = 0  # rows scanned by the pipelines done
+        for p in chosen:
+            last = [0]
+
+            def page(
+                scanned: int, _enqueued: int, base: int = before, last: list[int] = last
+            ) -> None:
+                last[0] = scanned
+                if progress is not None:
+                    progress(base + scanned, total)
+
+            out[p.name] = await enqueue_backfill(conn, rendered[p.name], everything, progress=page)
+            before += last[0]
             echo(f"pipeline {p.name}: {out[p.name]} rows queued")
         return out
     finally:
         await conn.close()
+
+
+async def estimated_rows(conn: asyncpg.Connection, table: str) -> int | None:
+    """The planner's row count for the table (no scan); None before its first ANALYZE."""
+    n = await conn.fetchval(
+        "SELECT reltuples::bigint FROM pg_class WHERE oid = $1::regclass", table
+    )
+    return None if n is None or n < 0 else int(n)
 
 
 async def checked_pipeline(conn: asyncpg.Connection, p: PipelineConfig) -> PipelineSQL:

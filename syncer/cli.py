@@ -218,8 +218,13 @@ def uninstall(obj: Ctx, keep_vectors: bool, yes: bool) -> None:
 @click.pass_obj
 def backfill(obj: Ctx, pipeline: str | None, everything: bool) -> None:
     """Queue the rows whose vector is missing or stale."""
+    from syncer.progress import Reporter, reporting  # rich: only if needed
+
     cfg = obj.config()
-    _run_async(app.backfill(cfg, pipeline, everything, echo=click.echo))
+    reporter = Reporter("scanned")
+    _run_async(
+        reporting(reporter, app.backfill(cfg, pipeline, everything, click.echo, reporter.update))
+    )
 
 
 @main.command()
