@@ -9,6 +9,7 @@ from collections.abc import Callable
 from dataclasses import dataclass
 from datetime import datetime
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 import asyncpg
 
@@ -30,6 +31,9 @@ from syncer.status import PipelineStatus
 from syncer.status import gather as gather_status
 from syncer.targets import for_pipeline
 from syncer.worker import ProviderPaused, Worker
+
+if TYPE_CHECKING:
+    from rich.console import Console
 
 
 def select(cfg: Config, pipeline: str | None) -> tuple[PipelineConfig, ...]:
@@ -254,6 +258,17 @@ async def pause(cfg: Config, pipeline: str | None, paused: bool, by: str = "") -
         else:
             rows = await conn.fetch(query("pipeline_resume"), names)
         return [r["name"] for r in rows]
+    finally:
+        await conn.close()
+
+
+async def watch(cfg: Config, metrics_url: str | None, console: Console) -> int:
+    """`syncer status --watch` until SIGINT; returns the frames drawn."""
+    from syncer.watch import watch as watch_loop  # rich: only if needed
+
+    conn = await _installed(cfg)
+    try:
+        return await watch_loop(cfg, conn, metrics_url, console)
     finally:
         await conn.close()
 

@@ -321,6 +321,15 @@ def resume(obj: Ctx, pipeline: str | None) -> None:
     help="Exit 3 if fewer rows with text than this share have their vector (0-1).",
 )
 @click.option("--require-runner", is_flag=True, help="Exit 3 if no worker was seen in 30 s.")
+@click.option(
+    "--watch", is_flag=True, help="A live view, refreshed every second, until Ctrl-C (exit 0)."
+)
+@click.option(
+    "--metrics-url",
+    default=None,
+    metavar="URL",
+    help="With --watch: a runner's /metrics (default: from [observe] listen).",
+)
 @click.pass_obj
 def status(
     obj: Ctx,
@@ -329,9 +338,22 @@ def status(
     max_dead_letters: int | None,
     min_coverage: float | None,
     require_runner: bool,
+    watch: bool,
+    metrics_url: str | None,
 ) -> None:
     """Each pipeline: backlog, lag, dead letters, coverage, runners (exit 3: a threshold)."""
+    if watch and as_json:
+        raise click.UsageError("--watch draws a live view: it takes no --json")
+    if metrics_url is not None and not watch:
+        raise click.UsageError("--metrics-url goes with --watch")
     cfg = obj.config()
+    if watch:
+        from rich.console import Console
+
+        from syncer.watch import metrics_url as default_metrics_url
+
+        _run_async(app.watch(cfg, default_metrics_url(cfg, metrics_url), Console()))
+        sys.exit(0)
     limits = Thresholds(max_lag_s, max_dead_letters, min_coverage, require_runner)
     pipelines, slot = _run_async(app.status(cfg))
     if as_json:
