@@ -134,6 +134,8 @@ async def reporting(reporter: Reporter, work: Awaitable[T]) -> T:
     task = asyncio.create_task(reporter.run(), name="progress")
     try:
         result = await work
+        if reporter.total is None:  # no estimate came: what was done was all there was
+            reporter.update(reporter.done, reporter.done)
     finally:
         task.cancel()
         with contextlib.suppress(asyncio.CancelledError):
