@@ -9,6 +9,7 @@ from collections.abc import Callable
 from dataclasses import dataclass
 from datetime import datetime
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 import asyncpg
 
@@ -30,6 +31,9 @@ from syncer.status import PipelineStatus
 from syncer.status import gather as gather_status
 from syncer.targets import for_pipeline
 from syncer.worker import ProviderPaused, Worker
+
+if TYPE_CHECKING:
+    from rich.console import Console
 
 
 def select(cfg: Config, pipeline: str | None) -> tuple[PipelineConfig, ...]:
@@ -99,18 +103,46 @@ async def targets_to_drop(cfg: Config) -> list[str]:
 
 
 async def backfill(
-    cfg: Config, pipeline: str | None, everything: bool, echo: Callable[[str], None] = print
+    cfg: Config,
+    pipeline: str | None,
+    everything: bool,
+    echo: Callable[[str], None] = print,
+    progress: Callable[[int, int | None], None] | None = None,
 ) -> dict[str, int]:
+    """`progress(rows scanned, rows in the tables)`: after each page, the total estimated
+    from the planner's statistics (None while a table has none)."""
     conn = await connect(cfg.database.url)
     try:
         out: dict[str, int] = {}
-        for p in select(cfg, pipeline):
-            rendered = await checked_pipeline(conn, p)
-            out[p.name] = await enqueue_backfill(conn, rendered, everything)
+        chosen = select(cfg, pipeline)
+        rendered = {p.name: await checked_pipeline(conn, p) for p in chosen}
+        sizes = [await estimated_rows(conn, p.table) for p in chosen]
+        total = None if None in sizes else sum(s or 0 for s in sizes)
+        before = 0  # rows scanned by the pipelines done
+        for p in chosen:
+            last = [0]
+
+            def page(
+                scanned: int, _enqueued: int, base: int = before, last: list[int] = last
+            ) -> None:
+                last[0] = scanned
+                if progress is not None:
+                    progress(base + scanned, total)
+
+            out[p.name] = await enqueue_backfill(conn, rendered[p.name], everything, progress=page)
+            before += last[0]
             echo(f"pipeline {p.name}: {out[p.name]} rows queued")
         return out
     finally:
         await conn.close()
+
+
+async def estimated_rows(conn: asyncpg.Connection, table: str) -> int | None:
+    """The planner's row count for the table (no scan); None before its first ANALYZE."""
+    n = await conn.fetchval(
+        "SELECT reltuples::bigint FROM pg_class WHERE oid = $1::regclass", table
+    )
+    return None if n is None or n < 0 else int(n)
 
 
 async def checked_pipeline(conn: asyncpg.Connection, p: PipelineConfig) -> PipelineSQL:
@@ -226,6 +258,17 @@ async def pause(cfg: Config, pipeline: str | None, paused: bool, by: str = "") -
         else:
             rows = await conn.fetch(query("pipeline_resume"), names)
         return [r["name"] for r in rows]
+    finally:
+        await conn.close()
+
+
+async def watch(cfg: Config, metrics_url: str | None, console: Console) -> int:
+    """`syncer status --watch` until SIGINT; returns the frames drawn."""
+    from syncer.watch import watch as watch_loop  # rich: only if needed
+
+    conn = await _installed(cfg)
+    try:
+        return await watch_loop(cfg, conn, metrics_url, console)
     finally:
         await conn.close()
 

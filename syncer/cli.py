@@ -34,7 +34,7 @@ from syncer import app
 from syncer import config as config_mod
 from syncer.config import Config
 from syncer.errors import EXIT_THRESHOLD, SyncerError, exit_code
-from syncer.observe import setup_logging
+from syncer.observe import Events, setup_logging
 from syncer.status import PipelineStatus, Thresholds
 
 T = TypeVar("T")
@@ -218,8 +218,13 @@ def uninstall(obj: Ctx, keep_vectors: bool, yes: bool) -> None:
 @click.pass_obj
 def backfill(obj: Ctx, pipeline: str | None, everything: bool) -> None:
     """Queue the rows whose vector is missing or stale."""
+    from syncer.progress import Reporter, reporting  # rich: only if needed
+
     cfg = obj.config()
-    _run_async(app.backfill(cfg, pipeline, everything, echo=click.echo))
+    reporter = Reporter("scanned")
+    _run_async(
+        reporting(reporter, app.backfill(cfg, pipeline, everything, click.echo, reporter.update))
+    )
 
 
 @main.command()
@@ -238,15 +243,25 @@ def run(obj: Ctx, exit_when_idle: bool, listen: str | None) -> None:
     """Run every configured pipeline until SIGTERM or SIGINT."""
     cfg = obj.config()
     embedders = app.make_embedders(cfg, obj.path)
-    result = _run_async(app.run(cfg, embedders, exit_when_idle, listen=listen))
-    for name, s in sorted(result.events.stats.items()):
-        click.echo(
+    from syncer.progress import DrainProgress, Reporter, reporting  # rich: only if needed
+
+    events = Events()
+    work = app.run(cfg, embedders, exit_when_idle, events=events, listen=listen)
+    if exit_when_idle:  # a drain: a bar on a terminal, a line every 10 s otherwise
+        reporter = Reporter("embedded")
+        events.subscribe(DrainProgress(reporter))
+        work = reporting(reporter, work)
+    result = _run_async(work)
+    for name, s in sorted(result.events.stats.items()):  # log lines: JSON under log_format
+        counts = {"embedded": s.embedded, "unchanged": s.unchanged, "cleared": s.cleared}
+        counts.update(dead_lettered=s.dead_lettered, api_calls=s.api_calls)
+        log.info(
             f"pipeline {name}: embedded {s.embedded}, unchanged {s.unchanged}, "
             f"cleared {s.cleared}, dead-lettered {s.dead_lettered}, API calls {s.api_calls}",
-            err=True,
+            extra={"pipeline": name, **counts},
         )
     if result.message:
-        click.echo(result.message, err=True)
+        log.warning(result.message)
     sys.exit(result.exit_code)
 
 
@@ -306,6 +321,15 @@ def resume(obj: Ctx, pipeline: str | None) -> None:
     help="Exit 3 if fewer rows with text than this share have their vector (0-1).",
 )
 @click.option("--require-runner", is_flag=True, help="Exit 3 if no worker was seen in 30 s.")
+@click.option(
+    "--watch", is_flag=True, help="A live view, refreshed every second, until Ctrl-C (exit 0)."
+)
+@click.option(
+    "--metrics-url",
+    default=None,
+    metavar="URL",
+    help="With --watch: a runner's /metrics (default: from [observe] listen).",
+)
 @click.pass_obj
 def status(
     obj: Ctx,
@@ -314,9 +338,22 @@ def status(
     max_dead_letters: int | None,
     min_coverage: float | None,
     require_runner: bool,
+    watch: bool,
+    metrics_url: str | None,
 ) -> None:
     """Each pipeline: backlog, lag, dead letters, coverage, runners (exit 3: a threshold)."""
+    if watch and as_json:
+        raise click.UsageError("--watch draws a live view: it takes no --json")
+    if metrics_url is not None and not watch:
+        raise click.UsageError("--metrics-url goes with --watch")
     cfg = obj.config()
+    if watch:
+        from rich.console import Console
+
+        from syncer.watch import metrics_url as default_metrics_url
+
+        _run_async(app.watch(cfg, default_metrics_url(cfg, metrics_url), Console()))
+        sys.exit(0)
     limits = Thresholds(max_lag_s, max_dead_letters, min_coverage, require_runner)
     pipelines, slot = _run_async(app.status(cfg))
     if as_json:

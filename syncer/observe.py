@@ -8,11 +8,14 @@ the benchmark subscribe handlers of their own. A new metric is a new line in a h
 
 from __future__ import annotations
 
+import contextvars
 import logging
+import secrets
 import sys
 import time
 from collections import defaultdict
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Iterator, Sequence
+from contextlib import contextmanager
 from dataclasses import dataclass
 
 import orjson
@@ -27,6 +30,7 @@ log = logging.getLogger("syncer")
 class Claimed:
     pipeline: str
     n: int
+    key: str | None = None  # the item's, when one was claimed
 
 
 @dataclass(frozen=True, slots=True)
@@ -42,6 +46,7 @@ class ApiRequest:
     n_inputs: int
     seconds: float
     result: str  # "ok", or the error class
+    key: str | None = None  # the input's, when the request held one
 
 
 @dataclass(frozen=True, slots=True)
@@ -68,6 +73,7 @@ class Written:
     n: int
     seconds: float
     ages_s: tuple[float, ...] = ()
+    traces: tuple[str, ...] = ()  # the trace ids of the batches the transaction wrote
 
 
 @dataclass(frozen=True, slots=True)
@@ -314,14 +320,81 @@ class StatsHandler:
 
 def log_handler(event: Event) -> None:
     if isinstance(event, Failed):
-        level = logging.ERROR if event.outcome == "dead_lettered" else logging.WARNING
-        log.log(
-            level,
-            "%s items %s",
-            event.n,
-            event.outcome,
-            extra={"pipeline": event.pipeline, "error": event.error},
-        )
+        _log_failed(event)
+    elif log.isEnabledFor(logging.DEBUG):
+        _log_debug(event)
+
+
+def _log_debug(event: Event) -> None:
+    """A batch's path, one line per stage: claim, each API request, the write's commit."""
+    match event:
+        case Claimed(pipeline, n, key):
+            extra: dict[str, object] = {"pipeline": pipeline, "n": n}
+            if key is not None:
+                extra["key"] = key
+            log.debug("claimed", extra=extra)
+        case ApiRequest(provider, pipeline, n_inputs, seconds, result, key):
+            extra = {"pipeline": pipeline, "provider": provider, "n": n_inputs}
+            extra.update(seconds=round(seconds, 4), result=result)
+            if key is not None:
+                extra["key"] = key
+            log.debug("embed request", extra=extra)
+        case Written(pipeline, n, seconds, _, traces):
+            for trace_id in traces:  # one line per batch the transaction committed
+                extra = {"pipeline": pipeline, "n": n, "seconds": round(seconds, 4)}
+                log.debug("write committed", extra={**extra, "trace_id": trace_id})
+
+
+def _log_failed(event: Failed) -> None:
+    level = logging.ERROR if event.outcome == "dead_lettered" else logging.WARNING
+    log.log(
+        level,
+        "%s items %s",
+        event.n,
+        event.outcome,
+        extra={"pipeline": event.pipeline, "error": event.error},
+    )
+
+
+# --- trace ids ----------------------------------------------------------------------------
+
+# The batch a line is about: set at the claim, carried by the jobs and write batches across
+# the stage queues (each stage sets it again for the job it takes), read by every log line.
+TRACE: contextvars.ContextVar[tuple[str, str]] = contextvars.ContextVar(
+    "syncer_trace", default=("", "")
+)  # (trace id, pipeline)
+
+
+def new_trace_id() -> str:
+    return secrets.token_hex(8)
+
+
+def current_trace() -> str:
+    return TRACE.get()[0]
+
+
+@contextmanager
+def tracing(trace_id: str, pipeline: str) -> Iterator[None]:
+    """Lines logged inside (by this task, and tasks it starts) carry `trace_id` and, unless
+    they name one, the pipeline."""
+    token = TRACE.set((trace_id, pipeline))
+    try:
+        yield
+    finally:
+        TRACE.reset(token)
+
+
+class TraceFilter(logging.Filter):
+    """Adds the current trace id (and pipeline) to a record that names none itself."""
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        trace_id, pipeline = TRACE.get()
+        if trace_id:
+            if not hasattr(record, "trace_id"):
+                record.trace_id = trace_id
+            if not hasattr(record, "pipeline"):
+                record.pipeline = pipeline
+        return True
 
 
 class JsonFormatter(logging.Formatter):
@@ -345,6 +418,7 @@ def setup_logging(level: str = "info", json_logs: bool = True) -> None:
     handler.setFormatter(
         JsonFormatter() if json_logs else logging.Formatter("%(levelname)s %(message)s")
     )
+    handler.addFilter(TraceFilter())
     root = logging.getLogger("syncer")
     root.handlers[:] = [handler]
     root.setLevel(level.upper())

@@ -31,7 +31,7 @@ def slot_exists(db: psycopg.Connection[Any], slot: str) -> bool:
 
 
 def stats_line(stderr: str) -> str:
-    return next(line for line in stderr.splitlines() if line.startswith("pipeline docs:"))
+    return next(line for line in stderr.splitlines() if "pipeline docs:" in line)
 
 
 def test_install_run_and_no_feedback_loop(

@@ -17,6 +17,7 @@ from typing import TYPE_CHECKING, Any
 import asyncpg
 from pgvector import HalfVector, Vector
 
+from syncer.observe import current_trace
 from syncer.queue import Queue
 from syncer.targets.base import Target
 
@@ -39,6 +40,11 @@ class SourceRow:
     extra: str | None = None  # a chunk template's columns, as a JSON object of their text
 
 
+def _traces() -> list[str]:
+    trace_id = current_trace()
+    return [trace_id] if trace_id else []
+
+
 @dataclass
 class WriteBatch:
     keys: list[str] = field(default_factory=list)
@@ -51,6 +57,7 @@ class WriteBatch:
     # written (the worker's in-flight deduplication); finished right after the write.
     joins: list[tuple[tuple[str, bytes], list[int]]] = field(default_factory=list)
     docs: list[ChunkDoc] = field(default_factory=list)  # the chunks target's whole documents
+    traces: list[str] = field(default_factory=_traces)  # the claimed batches' ids
 
     def add_vector(self, key: str, vector: Any, hash_: bytes | None) -> None:
         self.keys.append(key)
@@ -66,6 +73,7 @@ class WriteBatch:
         self.outcomes.update(other.outcomes)
         self.joins += other.joins
         self.docs += other.docs
+        self.traces += [t for t in other.traces if t not in self.traces]
 
     def __len__(self) -> int:
         return len(self.done_ids)

@@ -12,7 +12,7 @@ from syncer.aio import wait_first
 from syncer.capture import always_caught_up
 from syncer.config import WorkerConfig
 from syncer.db import Database
-from syncer.observe import Claimed, Events
+from syncer.observe import Claimed, Events, new_trace_id, tracing
 from syncer.providers import Embedder
 from syncer.queue import Item, Queue
 from syncer.worker.inflight import InFlight
@@ -90,9 +90,12 @@ class Claimer:
             self.wakeup.clear()
             items = await self.db.call(self.queue.claim, self.pipeline, free, self.bulk_share)
             if items:
-                self.events.emit(Claimed(self.pipeline, len(items)))
-                self.in_flight.add(items)
-                await self.dispatcher.dispatch(items)
+                # The batch's trace id: its jobs and write batches carry it to the commit.
+                with tracing(new_trace_id(), self.pipeline):
+                    key = items[0].key if len(items) == 1 else None
+                    self.events.emit(Claimed(self.pipeline, len(items), key))
+                    self.in_flight.add(items)
+                    await self.dispatcher.dispatch(items)
                 if len(items) == free:
                     continue  # a full claim: more is likely waiting
             elif exit_when_idle and not len(self.in_flight) and await self._idle():

@@ -18,7 +18,7 @@ from syncer.errors import (
     RetryableError,
     SyncerError,
 )
-from syncer.observe import ApiRequest, Events
+from syncer.observe import ApiRequest, Events, tracing
 from syncer.providers import Embedder, EmbedRequest, Vectors
 from syncer.retry import RetryPolicy
 from syncer.targets.store import WriteBatch
@@ -98,13 +98,14 @@ class Embedding:
     async def run(self) -> None:
         while True:
             job = await self.embed_q.get_job()
-            batch = WriteBatch()
-            failed: Failures = []
-            await self._embed(job, batch, failed)
-            if failed:
-                await self.failures.route(failed)
-            if len(batch):
-                await self.write_q.put(batch)
+            with tracing(job.trace_id, self.p.name):
+                batch = WriteBatch()
+                failed: Failures = []
+                await self._embed(job, batch, failed)
+                if failed:
+                    await self.failures.route(failed)
+                if len(batch):
+                    await self.write_q.put(batch)
 
     async def _embed(
         self, job: EmbedJob, batch: WriteBatch, failed: Failures, trace: _Trace | None = None
@@ -202,4 +203,7 @@ class Embedding:
 
     def _count(self, job: EmbedJob, started: float, result: str) -> None:
         elapsed = time.perf_counter() - started
-        self.events.emit(ApiRequest(self.provider, self.p.name, len(job.texts), elapsed, result))
+        key = job.keys[0] if len(job.keys) == 1 else None
+        self.events.emit(
+            ApiRequest(self.provider, self.p.name, len(job.texts), elapsed, result, key)
+        )

@@ -6,9 +6,10 @@ import asyncio
 import heapq
 import itertools
 from collections.abc import Sequence
-from dataclasses import dataclass, replace
+from dataclasses import dataclass, field, replace
 from typing import TYPE_CHECKING
 
+from syncer.observe import current_trace
 from syncer.providers.tokens import estimate_tokens
 from syncer.queue import LIVE
 from syncer.worker.inflight import TextId
@@ -28,6 +29,7 @@ class EmbedJob:
     lane: int = LIVE
     # Chunk pipelines: the documents waiting for each input (a chunk text may serve several)
     docs: tuple[tuple[ChunkDoc, ...], ...] = ()
+    trace_id: str = field(default_factory=current_trace)  # the claimed batch's
 
     def part(self, idx: Sequence[int]) -> EmbedJob:
         pick = list(idx)
@@ -40,6 +42,7 @@ class EmbedJob:
             self.suspect,
             self.lane,
             tuple(self.docs[i] for i in pick) if self.docs else (),
+            self.trace_id,
         )
 
     def all_ids(self) -> list[int]:

@@ -41,7 +41,8 @@ class Writer:
             written = await self.db.call(self.store.write, batch)
             elapsed_s = time.perf_counter() - started
             ages_s = self.in_flight.ages_s(batch.done_ids)
-            self.events.emit(Written(self.pipeline, written, elapsed_s, ages_s))
+            traces = tuple(batch.traces)
+            self.events.emit(Written(self.pipeline, written, elapsed_s, ages_s, traces))
             # Vectors the hash guard refused: the text changed and a newer item follows.
             batch.outcomes["stale"] += max(0, len(batch.keys) - written)
             if written == len(batch.keys):  # else which were refused is not known
