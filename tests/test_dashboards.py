@@ -20,7 +20,7 @@ from tests.test_pipeline import create_docs
 from tests.test_processes import stop_all
 
 ROOT = Path(__file__).resolve().parent.parent
-DASHBOARD = ROOT / "deploy/grafana/dashboards/syncer.json"
+DASHBOARD = ROOT / "deploy/grafana/syncer.json"
 ALERTS = ROOT / "deploy/prometheus/alerts.yml"
 
 
