@@ -25,9 +25,10 @@ from syncer.db import Database
 from syncer.errors import InputTooLongError, SyncerError
 from syncer.providers import Vectors
 from syncer.providers.tokens import estimate_tokens, pack_requests
-from syncer.queue import BULK, Item
+from syncer.queue import Item
 from syncer.targets.chunks import ChunkDoc, ChunksTarget
 from syncer.targets.store import SourceRow, VectorStore, WriteBatch
+from syncer.worker.dispatcher import by_key
 from syncer.worker.failures import FailureRouter
 from syncer.worker.inflight import InFlight
 from syncer.worker.jobs import EmbedJob, JobQueue
@@ -143,11 +144,7 @@ class ChunkDispatcher:
         self.results = results
 
     async def dispatch(self, items: list[Item]) -> None:
-        ids_by_key: dict[str, list[int]] = {}
-        lane_by_key: dict[str, int] = {}
-        for item in items:
-            ids_by_key.setdefault(item.key, []).append(item.id)
-            lane_by_key[item.key] = min(item.lane, lane_by_key.get(item.key, BULK))
+        ids_by_key, lane_by_key = by_key(items)
         rows = await self.db.call(self.store.fetch, list(ids_by_key))
         now = WriteBatch()
         changed: list[SourceRow] = []

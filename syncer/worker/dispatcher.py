@@ -19,6 +19,16 @@ from syncer.worker.jobs import EmbedJob, JobQueue
 log = logging.getLogger("syncer.worker")
 
 
+def by_key(items: list[Item]) -> tuple[dict[str, list[int]], dict[str, int]]:
+    """The claimed items of each key, and the key's lane (live if any of its items is)."""
+    ids_by_key: dict[str, list[int]] = {}
+    lane_by_key: dict[str, int] = {}
+    for item in items:
+        ids_by_key.setdefault(item.key, []).append(item.id)
+        lane_by_key[item.key] = min(item.lane, lane_by_key.get(item.key, BULK))
+    return ids_by_key, lane_by_key
+
+
 class Dispatcher:
     def __init__(
         self,
@@ -44,11 +54,7 @@ class Dispatcher:
         self.write_q = write_q
 
     async def dispatch(self, items: list[Item]) -> None:
-        ids_by_key: dict[str, list[int]] = {}
-        lane_by_key: dict[str, int] = {}
-        for item in items:
-            ids_by_key.setdefault(item.key, []).append(item.id)
-            lane_by_key[item.key] = min(item.lane, lane_by_key.get(item.key, BULK))
+        ids_by_key, lane_by_key = by_key(items)
         keys = list(ids_by_key)
         rows = await self.db.call(self.store.fetch, keys)
         now = WriteBatch()
