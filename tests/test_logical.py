@@ -2,13 +2,20 @@
 
 from __future__ import annotations
 
+import asyncio
 import signal
 from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
+import asyncpg
 import psycopg
+import pytest
 
+from syncer.app import checked_pipeline
+from syncer.capture.logical import SlotReader
+from syncer.config import load
+from syncer.db import create_pool
 from syncer.testing import embedded_pg
 from syncer.testing.fake_embedder import FakeEmbedderProcess
 from tests.conftest import DEFAULT_PIPELINE, start_syncer, syncer, wait_for
@@ -315,3 +322,50 @@ def test_replica_identity_full_and_untouched_large_text(
     # Only the key move: key 20 (its text came along: unchanged) and key 1 (gone).
     assert "embedded 0, unchanged 1, cleared 1," in line, line
     assert fake.inputs() == []
+
+
+async def test_a_connection_broken_while_queueing_is_read_again(
+    db: psycopg.Connection[Any],
+    make_config: Callable[..., Path],
+    logical: dict[str, str],
+    monkeypatch: pytest.MonkeyPatch,
+    caplog: pytest.LogCaptureFixture,
+) -> None:
+    """A restart can cut the pool connection that queues what the reader read; asyncpg then
+    raises InternalClientError, not a PostgresError. The reader must read those changes
+    again from the last confirmed position, not die (a chaos soak saw a worker exit 1)."""
+    create_docs(db)
+    config = make_config(capture=logical)
+    assert syncer(config, "install").returncode == 0
+    cfg = load(config)
+    pool = await create_pool(cfg.database)
+    try:
+        async with pool.acquire() as conn:
+            rendered = {p.name: await checked_pipeline(conn, p) for p in cfg.pipelines}
+        reader = SlotReader(cfg, pool, rendered, {p.name: asyncio.Event() for p in cfg.pipelines})
+        real = SlotReader._enqueue_once
+        cuts = []
+
+        async def cut_once(self: SlotReader, changes: Any) -> None:
+            if not cuts:
+                cuts.append(changes)
+                raise asyncpg.InternalClientError(
+                    "cannot switch to state 12; another operation (2) is in progress"
+                )
+            await real(self, changes)
+
+        monkeypatch.setattr(SlotReader, "_enqueue_once", cut_once)
+        stop = asyncio.Event()
+        run = asyncio.create_task(reader.run(stop))
+        db.execute("INSERT INTO docs VALUES (1, 'Hello', 'world', 'a')")
+        deadline = asyncio.get_running_loop().time() + 30
+        while db.execute("SELECT count(*) FROM syncer.queue").fetchone() != (1,):
+            assert not run.done(), run.exception()
+            assert asyncio.get_running_loop().time() < deadline, "the change was never queued"
+            await asyncio.sleep(0.05)
+        assert cuts, "the fault was not injected"
+        assert "replication stream lost" in caplog.text
+        stop.set()
+        await asyncio.wait_for(run, 30)
+    finally:
+        await pool.close()

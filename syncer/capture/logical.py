@@ -37,7 +37,7 @@ from syncer.capture.notify import Control, start_listener, worker_handlers
 from syncer.capture.pgoutput import Changes, Decoder
 from syncer.capture.trigger import drop_triggers, move_inbox
 from syncer.config import CaptureConfig, Config, PipelineConfig
-from syncer.db import Database, retry_aborts
+from syncer.db import LOST, Database, retry_aborts
 from syncer.errors import SchemaError, SlotError
 from syncer.schema.catalog import key_columns
 from syncer.schema.render import PipelineSQL
@@ -127,7 +127,9 @@ class SlotReader:
                 raise SlotError(
                     f"capture.slot {self.slot!r}: {str(err).strip()}: run `syncer install`"
                 ) from None
-            except (psycopg2.Error, OSError, asyncpg.PostgresError, asyncpg.InterfaceError) as err:
+            except (psycopg2.Error, asyncpg.PostgresError, *LOST) as err:
+                # The stream, or the pool connection queueing its keys (asyncpg's
+                # InternalClientError when a restart cut it mid-statement): read again.
                 log.warning(
                     "replication stream lost; reading again from the last confirmed change",
                     extra={"error": str(err).strip()},

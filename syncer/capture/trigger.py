@@ -30,7 +30,7 @@ from syncer.aio import wait_first
 from syncer.capture.base import CaptureSide, always_caught_up, ident
 from syncer.capture.notify import Control, start_listener, worker_handlers
 from syncer.config import Config, PipelineConfig
-from syncer.db import Database
+from syncer.db import LOST, Database
 from syncer.schema.catalog import is_partitioned
 from syncer.schema.render import PipelineSQL
 from syncer.sqlfiles import query
@@ -96,7 +96,7 @@ class InboxMover:
                 continue
             await wait_first(stop, self.kick, timeout_s=self.poll_s)
         # Stopping: the triggers must notify again (the other workers may be asleep).
-        with contextlib.suppress(OSError, asyncpg.PostgresError, asyncpg.InterfaceError):
+        with contextlib.suppress(asyncpg.PostgresError, *LOST):
             await self._set_awake(0)
 
     async def _stay_awake(self, stop: asyncio.Event, linger_s: float) -> None:

@@ -94,8 +94,13 @@ class VectorStore:
         # the whole table and sorting the vectors on disk for every batch (twice the CPU).
         # Logical mode, a target that writes the watched table: mark the write so the slot
         # reader skips it.
+        # The commit is durable (at least locally, even where the server's default is off):
+        # the worker remembers the texts it wrote and skips items for them, so a write lost
+        # in a server crash would leave its stale vector for good (tests/test_outage.py).
         self.begin = (
-            "SET LOCAL synchronous_commit = off; SET LOCAL syncer.writing = 'on'; "
+            "SELECT set_config('synchronous_commit', 'local', true) "
+            "WHERE current_setting('synchronous_commit') = 'off'; "
+            "SET LOCAL syncer.writing = 'on'; "
             "SET LOCAL enable_mergejoin = off; SET LOCAL enable_hashjoin = off"
         ) + (
             f"; SELECT pg_logical_emit_message(true, '{OWN_PREFIX}', '')"
@@ -131,7 +136,6 @@ class VectorStore:
 
     async def _write_once(self, batch: WriteBatch) -> int:
         async with self.pool.acquire() as conn, conn.transaction():
-            # Losing this commit in a server crash only means the items run again.
             await conn.execute(self.begin)
             # asyncpg would read a list of arrays as a 2-d array: wrap each vector.
             wrap = Vector if self.vector_type == "vector" else HalfVector

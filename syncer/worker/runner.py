@@ -197,5 +197,12 @@ async def supervise(main: asyncio.Future[Any], helpers: list[asyncio.Task[None]]
         for t in done:
             if t is not main and not t.cancelled() and t.exception() is not None:
                 main.cancel()
+                # A cancelled gather may still end with an exception: it is not this error.
+                main.add_done_callback(_retrieve)
                 t.result()  # raises the helper's error
     main.result()
+
+
+def _retrieve(f: asyncio.Future[Any]) -> None:
+    if not f.cancelled():
+        f.exception()
