@@ -18,7 +18,7 @@ from syncer.backfill import backfill as enqueue_backfill
 from syncer.capture import source_for
 from syncer.config import Config, PipelineConfig
 from syncer.db import Database, connect, ensure_vector_extension, wait_for_pool
-from syncer.errors import EXIT_PROVIDER, SchemaError
+from syncer.errors import EXIT_PROVIDER, ConfigError, SchemaError
 from syncer.monitor import Monitor
 from syncer.observe import Events
 from syncer.providers import Embedder, make_embedder
@@ -34,6 +34,8 @@ from syncer.worker import ProviderPaused, Worker
 
 if TYPE_CHECKING:
     from rich.console import Console
+
+    from syncer.otel import OtelHandler
 
 
 def select(cfg: Config, pipeline: str | None) -> tuple[PipelineConfig, ...]:
@@ -195,6 +197,9 @@ async def run(
     result = RunResult(events or Events())
     loop = asyncio.get_running_loop()
     pool: asyncpg.Pool | None = None
+    otel = start_otel(cfg.observe.otel)
+    if otel is not None:
+        result.events.subscribe(otel)
     # First, so that an address in use ends the run before it claims anything.
     monitor = Monitor(cfg, result.events, listen or cfg.observe.listen)
     try:
@@ -225,7 +230,23 @@ async def run(
             await e.close()
         if pool is not None:
             await pool.close()
+        if otel is not None:
+            await asyncio.to_thread(otel.shutdown)
     return result
+
+
+def start_otel(cfg: config_mod.OtelConfig) -> OtelHandler | None:
+    """The OpenTelemetry subscriber, when `[observe.otel] endpoint` is set."""
+    if cfg.endpoint is None:
+        return None
+    try:
+        from syncer.otel import OtelHandler
+    except ImportError as err:
+        raise ConfigError(
+            f"observe.otel.endpoint is set, but OpenTelemetry is not installed ({err.name}): "
+            "pip install 'syncer[otel]'"
+        ) from None
+    return OtelHandler(cfg)
 
 
 async def _checked_all(cfg: Config, pool: asyncpg.Pool) -> dict[str, PipelineSQL]:

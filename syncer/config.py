@@ -151,8 +151,17 @@ def parse_listen(value: str) -> tuple[str, int]:
 class OtelConfig(_Model):
     """OpenTelemetry export (the `syncer[otel]` extra); unset endpoint: off."""
 
-    endpoint: str | None = None
+    endpoint: str | None = None  # e.g. http://collector:4317 (gRPC) or :4318 (HTTP)
+    protocol: Literal["grpc", "http/protobuf"] = "grpc"
     service_name: str = "syncer"
+    export_interval_s: float = Field(default=10.0, gt=0)  # metrics
+
+    @field_validator("endpoint")
+    @classmethod
+    def _endpoint(cls, v: str | None) -> str | None:
+        if v is not None and not v.startswith(("http://", "https://")):
+            raise ValueError(f"must be an http:// or https:// URL, not {v!r}")
+        return v
 
 
 class ObserveConfig(_Model):

@@ -31,6 +31,16 @@ class Claimed:
     pipeline: str
     n: int
     key: str | None = None  # the item's, when one was claimed
+    seconds: float = 0.0  # the claim query's
+
+
+@dataclass(frozen=True, slots=True)
+class Fetched:
+    """The claimed keys' rows read from the source (their texts, hashes, stored hashes)."""
+
+    pipeline: str
+    n: int
+    seconds: float
 
 
 @dataclass(frozen=True, slots=True)
@@ -126,6 +136,7 @@ class LoopLag:
 
 Event = (
     Claimed
+    | Fetched
     | InFlightChanged
     | ApiRequest
     | Finished
@@ -162,6 +173,11 @@ class Events:
 
 # --- Prometheus ---------------------------------------------------------------------------
 
+API_BUCKETS = (0.05, 0.1, 0.2, 0.5, 1, 2, 5, 10, 30, 60)
+WAIT_BUCKETS = (0.001, 0.01, 0.05, 0.1, 0.5, 1, 5, 15, 60)
+WRITE_BUCKETS = (0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 10)
+CHANGE_TO_VECTOR_BUCKETS = (0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 30, 60, 300, 900, 3600)
+
 ROWS = Counter("syncer_rows_total", "Queue items finished, by outcome", ["pipeline", "outcome"])
 API_REQUESTS = Counter(
     "syncer_api_requests_total", "Embedding requests, by result", ["provider", "result"]
@@ -171,7 +187,7 @@ API_SECONDS = Histogram(
     "syncer_api_request_seconds",
     "Embedding request duration",
     ["provider"],
-    buckets=(0.05, 0.1, 0.2, 0.5, 1, 2, 5, 10, 30, 60),
+    buckets=API_BUCKETS,
 )
 API_TOKENS = Counter("syncer_api_tokens_total", "Tokens the provider says it counted", ["provider"])
 RATE_LIMITED = Counter("syncer_rate_limited_total", "429 answers", ["provider"])
@@ -179,21 +195,21 @@ RATE_LIMIT_WAIT = Histogram(
     "syncer_rate_limit_wait_seconds",
     "Time a request waited for its turn under the rate limits",
     ["provider"],
-    buckets=(0.001, 0.01, 0.05, 0.1, 0.5, 1, 5, 15, 60),
+    buckets=WAIT_BUCKETS,
 )
 BREAKER_OPEN = Gauge("syncer_breaker_open", "1 while the provider's breaker is open", ["provider"])
 WRITE_SECONDS = Histogram(
     "syncer_write_seconds",
     "Vector write transaction duration",
     ["pipeline"],
-    buckets=(0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 10),
+    buckets=WRITE_BUCKETS,
 )
 VECTORS_WRITTEN = Counter("syncer_vectors_written_total", "Vectors committed", ["pipeline"])
 CHANGE_TO_VECTOR = Histogram(
     "syncer_change_to_vector_seconds",
     "From the queued change to the committed vector",
     ["pipeline"],
-    buckets=(0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 30, 60, 300, 900, 3600),
+    buckets=CHANGE_TO_VECTOR_BUCKETS,
 )
 QUEUE_DEPTH = Gauge("syncer_queue_depth", "Queue items by state", ["pipeline", "state"])
 QUEUE_OLDEST = Gauge("syncer_queue_oldest_seconds", "Age of the oldest ready item", ["pipeline"])
@@ -366,7 +382,8 @@ TRACE: contextvars.ContextVar[tuple[str, str]] = contextvars.ContextVar(
 
 
 def new_trace_id() -> str:
-    return secrets.token_hex(8)
+    """128 bits, as W3C trace context has them: with OpenTelemetry on, it is the trace's id."""
+    return secrets.token_hex(16)
 
 
 def current_trace() -> str:
@@ -429,3 +446,8 @@ def setup_logging(level: str = "info", json_logs: bool = True) -> None:
     lib.handlers[:] = [handler]
     lib.setLevel(logging.DEBUG if level.lower() == "debug" else logging.ERROR)
     lib.propagate = False
+    # OpenTelemetry's exporters say when a collector cannot be reached, as JSON lines too.
+    otel = logging.getLogger("opentelemetry")
+    otel.handlers[:] = [handler]
+    otel.setLevel(logging.WARNING)
+    otel.propagate = False

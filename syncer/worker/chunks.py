@@ -23,12 +23,13 @@ from syncer.chunking import Chunk, ChunkingError, SplitPool, Splitter
 from syncer.config import ChunkingConfig, PipelineConfig, ProviderConfig
 from syncer.db import Database
 from syncer.errors import InputTooLongError, SyncerError
+from syncer.observe import Events
 from syncer.providers import Vectors
 from syncer.providers.tokens import estimate_tokens, pack_requests
 from syncer.queue import Item
 from syncer.targets.chunks import ChunkDoc, ChunksTarget
 from syncer.targets.store import SourceRow, VectorStore, WriteBatch
-from syncer.worker.dispatcher import by_key
+from syncer.worker.dispatcher import by_key, fetch_rows
 from syncer.worker.failures import FailureRouter
 from syncer.worker.inflight import InFlight
 from syncer.worker.jobs import EmbedJob, JobQueue
@@ -127,9 +128,12 @@ class ChunkDispatcher:
         write_q: asyncio.Queue[WriteBatch],
         splits: SplitPool,
         results: ChunkResults,
+        *,
+        events: Events,
     ) -> None:
         assert isinstance(store.target, ChunksTarget)
         self.p = p
+        self.events = events
         self.max_tokens_per_input = provider.max_tokens_per_input
         self.max_tokens_per_request = provider.max_tokens_per_request
         self.request_inputs = request_inputs
@@ -145,7 +149,7 @@ class ChunkDispatcher:
 
     async def dispatch(self, items: list[Item]) -> None:
         ids_by_key, lane_by_key = by_key(items)
-        rows = await self.db.call(self.store.fetch, list(ids_by_key))
+        rows = await fetch_rows(self.db, self.store, self.events, self.p.name, list(ids_by_key))
         now = WriteBatch()
         changed: list[SourceRow] = []
         for row in rows:

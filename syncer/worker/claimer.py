@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import asyncio
 import random
+import time
 from collections.abc import Awaitable, Callable
 from typing import Protocol
 
@@ -88,12 +89,14 @@ class Claimer:
                 await wait_first(stop, freed, self.wakeup)
                 continue
             self.wakeup.clear()
+            started = time.perf_counter()
             items = await self.db.call(self.queue.claim, self.pipeline, free, self.bulk_share)
             if items:
+                seconds = time.perf_counter() - started
                 # The batch's trace id: its jobs and write batches carry it to the commit.
                 with tracing(new_trace_id(), self.pipeline):
                     key = items[0].key if len(items) == 1 else None
-                    self.events.emit(Claimed(self.pipeline, len(items), key))
+                    self.events.emit(Claimed(self.pipeline, len(items), key, seconds))
                     self.in_flight.add(items)
                     await self.dispatcher.dispatch(items)
                 if len(items) == free:

@@ -5,10 +5,13 @@ from __future__ import annotations
 
 import asyncio
 import logging
+import time
+from collections.abc import Sequence
 
 from syncer.config import PipelineConfig, ProviderConfig
 from syncer.db import Database
 from syncer.errors import InputTooLongError, SyncerError
+from syncer.observe import Events, Fetched
 from syncer.providers.tokens import estimate_tokens, pack_requests, truncate_to_tokens
 from syncer.queue import BULK, LIVE, Item
 from syncer.targets.store import SourceRow, VectorStore, WriteBatch
@@ -29,6 +32,16 @@ def by_key(items: list[Item]) -> tuple[dict[str, list[int]], dict[str, int]]:
     return ids_by_key, lane_by_key
 
 
+async def fetch_rows(
+    db: Database, store: VectorStore, events: Events, pipeline: str, keys: Sequence[str]
+) -> list[SourceRow]:
+    """The claimed keys' rows, as they are now (timed, for the batch's trace)."""
+    started = time.perf_counter()
+    rows = await db.call(store.fetch, keys)
+    events.emit(Fetched(pipeline, len(keys), time.perf_counter() - started))
+    return rows
+
+
 class Dispatcher:
     def __init__(
         self,
@@ -41,8 +54,11 @@ class Dispatcher:
         failures: FailureRouter,
         embed_q: JobQueue,
         write_q: asyncio.Queue[WriteBatch],
+        *,
+        events: Events,
     ) -> None:
         self.p = p
+        self.events = events
         self.max_tokens_per_input = provider.max_tokens_per_input
         self.max_tokens_per_request = provider.max_tokens_per_request
         self.request_inputs = request_inputs
@@ -56,7 +72,7 @@ class Dispatcher:
     async def dispatch(self, items: list[Item]) -> None:
         ids_by_key, lane_by_key = by_key(items)
         keys = list(ids_by_key)
-        rows = await self.db.call(self.store.fetch, keys)
+        rows = await fetch_rows(self.db, self.store, self.events, self.p.name, keys)
         now = WriteBatch()
         todo: list[SourceRow] = []
         for row in rows:

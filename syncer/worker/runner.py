@@ -81,9 +81,11 @@ class PipelineRunner:
         if p.target == "chunks":
             self.splits = SplitPool(splitter_for(p, provider), wcfg.split_workers)
             results = chunk_results = ChunkResults(self.in_flight)
-            dispatcher = ChunkDispatcher(*stages, write_q, self.splits, chunk_results)
+            dispatcher = ChunkDispatcher(
+                *stages, write_q, self.splits, chunk_results, events=events
+            )
         else:
-            dispatcher = Dispatcher(*stages, write_q)
+            dispatcher = Dispatcher(*stages, write_q, events=events)
         self.claimer = Claimer(
             p.name,
             wcfg,
