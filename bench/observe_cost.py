@@ -1,9 +1,12 @@
-"""observe_cost: what the exporter and JSON logs cost a drain, on against off.
+"""observe_cost: what the exporter, JSON logs, tracing and asyncio's debug mode cost a
+drain, each against off.
 
 "off": no HTTP server, log level warning (the lines a drain writes: none). "on": /metrics,
 /healthz and /readyz served and /metrics scraped every second (Prometheus scrapes every
-15 s by default: this is 15 times harder), JSON logs at info. Each arm drains a fresh
-backlog through the real command; the arms alternate, and each figure is the mean.
+15 s by default: this is 15 times harder), JSON logs at info. "otel": "on" plus OpenTelemetry
+spans and metrics exported over OTLP/gRPC to a receiver in this process. "debug": "off" under
+PYTHONASYNCIODEBUG=1. Each arm drains a fresh backlog through the real command; the arms
+alternate, and each figure is the mean.
 """
 
 from __future__ import annotations
@@ -19,6 +22,7 @@ from bench import backlog
 from bench.harness import Harness
 from bench.report import Result
 from bench.throughput import API, _seeds
+from syncer.testing.otlp import OtlpReceiver
 
 
 def _free_port() -> int:
@@ -46,8 +50,13 @@ class Scraper(threading.Thread):
                 pass  # not up yet, or gone
 
 
-def _command(h: Harness, config: Path, on: bool, port: int) -> list[str]:
-    if not on:
+ARMS = ("off", "on", "otel", "debug")
+
+
+def _command(h: Harness, config: Path, arm: str, port: int) -> list[str]:
+    if arm == "debug":
+        return ["env", "PYTHONASYNCIODEBUG=1", *h.syncer_command(config, "run", "--exit-when-idle")]
+    if arm == "off":
         return h.syncer_command(config, "run", "--exit-when-idle")
     return h.syncer_command(
         config,
@@ -62,15 +71,20 @@ def _command(h: Harness, config: Path, on: bool, port: int) -> list[str]:
     )
 
 
-async def _drain(h: Harness, latency_ms: float, rows: int, on: bool) -> tuple[float, int]:
+async def _drain(
+    h: Harness, latency_ms: float, rows: int, arm: str, receiver: OtlpReceiver
+) -> tuple[float, int]:
     b = await backlog.prepare(h, rows, API, next(_seeds))
     h.set_latency(latency_ms)
     port = _free_port()
     scraper = Scraper(f"http://127.0.0.1:{port}/metrics")
-    if on:
+    if arm == "otel":
+        otel = f'\n[observe.otel]\nendpoint = "{receiver.endpoint}"\n'
+        b.config.write_text(b.config.read_text() + otel)
+    if arm in ("on", "otel"):
         scraper.start()
     try:
-        d = await backlog.drain(h, b, _command(h, b.config, on, port))
+        d = await backlog.drain(h, b, _command(h, b.config, arm, port))
     finally:
         scraper.stopped.set()
         h.drop_database(b.url)
@@ -80,17 +94,41 @@ async def _drain(h: Harness, latency_ms: float, rows: int, on: bool) -> tuple[fl
 async def run(h: Harness, quick: bool) -> Result:
     result = Result("observe_cost")
     rows, rounds = 20_000, 1 if quick else 3  # a drain of some seconds: scraped many times
-    for name, latency_ms in (("api_bound", 200.0), ("db_bound", 0.0)):
-        rates: dict[bool, list[float]] = {False: [], True: []}
-        scrapes = 0
-        for _ in range(rounds):
-            for on in (False, True):
-                rate, ok = await _drain(h, latency_ms, rows, on)
-                rates[on].append(rate)
-                scrapes += ok
-        off, on_ = float(np.mean(rates[False])), float(np.mean(rates[True]))
-        note = f"{off:,.0f} -> {on_:,.0f} rows/s steady, {rounds} round(s), {scrapes} scrapes"
-        result.at_most(
-            f"{name}: throughput lost, metrics + JSON logs", 100 * (1 - on_ / off), "%", 3.0, note
-        )
+    receiver = OtlpReceiver()
+    try:
+        for name, latency_ms in (("api_bound", 200.0), ("db_bound", 0.0)):
+            rates: dict[str, list[float]] = {arm: [] for arm in ARMS}
+            scrapes, spans = 0, len(receiver.spans)
+            for _ in range(rounds):
+                for arm in ARMS:
+                    rate, ok = await _drain(h, latency_ms, rows, arm, receiver)
+                    rates[arm].append(rate)
+                    scrapes += ok
+            mean = {arm: float(np.mean(r)) for arm, r in rates.items()}
+
+            def lost(arm: str, mean: dict[str, float] = mean) -> float:
+                return 100 * (1 - mean[arm] / mean["off"])
+
+            def note(arm: str, mean: dict[str, float] = mean) -> str:
+                return f"{mean['off']:,.0f} -> {mean[arm]:,.0f} rows/s steady, {rounds} round(s)"
+
+            result.at_most(
+                f"{name}: throughput lost, metrics + JSON logs",
+                lost("on"),
+                "%",
+                3.0,
+                f"{note('on')}, {scrapes} scrapes",
+            )
+            spans = len(receiver.spans) - spans
+            result.add(
+                f"{name}: throughput lost, + OpenTelemetry",
+                lost("otel"),
+                "%",
+                f"{note('otel')}, {spans:,} spans exported",
+            )
+            result.add(
+                f"{name}: throughput lost, asyncio debug mode", lost("debug"), "%", note("debug")
+            )
+    finally:
+        receiver.stop()
     return result

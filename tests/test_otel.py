@@ -8,18 +8,13 @@ from __future__ import annotations
 import json
 import logging
 import os
-import threading
 from collections import defaultdict
 from collections.abc import Iterator
-from concurrent import futures
 from pathlib import Path
 from typing import Any
 
-import grpc
 import psycopg
 import pytest
-from opentelemetry.proto.collector.metrics.v1 import metrics_service_pb2, metrics_service_pb2_grpc
-from opentelemetry.proto.collector.trace.v1 import trace_service_pb2, trace_service_pb2_grpc
 from opentelemetry.sdk.metrics.export import InMemoryMetricReader
 from opentelemetry.sdk.trace.export.in_memory_span_exporter import InMemorySpanExporter
 
@@ -28,6 +23,7 @@ from syncer.config import load
 from syncer.observe import Events, TraceFilter
 from syncer.otel import OtelHandler
 from syncer.testing.fake_embedder import BAD_INPUT_MARKER, FakeEmbedderProcess
+from syncer.testing.otlp import OtlpReceiver
 from tests.conftest import cli_env, syncer
 from tests.test_pipeline import assert_synced, create_docs
 
@@ -138,52 +134,20 @@ async def test_spans_in_each_batch_trace_and_the_metrics(
     assert {"ok", "retryable"} <= requests, requests
 
 
-class Receiver:
-    """The collector's side of OTLP/gRPC: keeps every export request."""
-
-    def __init__(self) -> None:
-        self.spans: list[Any] = []
-        self.metric_names: set[str] = set()
-        self.lock = threading.Lock()
-        receiver = self
-
-        class Traces(trace_service_pb2_grpc.TraceServiceServicer):
-            def Export(self, request: Any, context: Any) -> Any:
-                with receiver.lock:
-                    for rs in request.resource_spans:
-                        for ss in rs.scope_spans:
-                            receiver.spans += list(ss.spans)
-                return trace_service_pb2.ExportTraceServiceResponse()
-
-        class Metrics(metrics_service_pb2_grpc.MetricsServiceServicer):
-            def Export(self, request: Any, context: Any) -> Any:
-                with receiver.lock:
-                    for rm in request.resource_metrics:
-                        for sm in rm.scope_metrics:
-                            receiver.metric_names.update(m.name for m in sm.metrics)
-                return metrics_service_pb2.ExportMetricsServiceResponse()
-
-        self.server = grpc.server(futures.ThreadPoolExecutor(max_workers=4))
-        trace_service_pb2_grpc.add_TraceServiceServicer_to_server(Traces(), self.server)
-        metrics_service_pb2_grpc.add_MetricsServiceServicer_to_server(Metrics(), self.server)
-        self.port = self.server.add_insecure_port("127.0.0.1:0")
-        self.server.start()
-
-
 def test_syncer_run_exports_over_otlp(
     db: psycopg.Connection[Any], make_config: Any, fake: FakeEmbedderProcess, tmp_path: Path
 ) -> None:
     fill(db)
-    receiver = Receiver()
+    receiver = OtlpReceiver()
     try:
         config = make_config()
         with open(config, "a") as f:
-            f.write(f'\n[observe.otel]\nendpoint = "http://127.0.0.1:{receiver.port}"\n')
+            f.write(f'\n[observe.otel]\nendpoint = "{receiver.endpoint}"\n')
         assert syncer(config, "install").returncode == 0
         r = syncer(config, "run", "--exit-when-idle", "--log-level", "debug")
         assert r.returncode == 0, r.stderr
     finally:
-        receiver.server.stop(grace=1)
+        receiver.stop()
     logged = set()
     for raw in r.stderr.splitlines():
         assert not any(x in raw for x in SECRETS), raw
