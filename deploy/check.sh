@@ -14,6 +14,9 @@ trap 'rm -rf "$out"' EXIT
 "$bin/hadolint" Dockerfile deploy/db/Dockerfile
 echo "hadolint: Dockerfile, deploy/db/Dockerfile clean"
 
+# podman-compose's parser asks podman for its version first.
+# shellcheck source=deploy/podman.sh
+. deploy/podman.sh
 "$bin/podman-compose" -f docker-compose.yml config > /dev/null
 "$bin/podman-compose" -f docker-compose.yml -f compose.override.smoke.yml config > /dev/null
 "$bin/podman-compose" -f docker-compose.yml --profile observe config > /dev/null

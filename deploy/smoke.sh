@@ -17,13 +17,10 @@ grace_s=30   # docker-compose.yml: stop_grace_period of the syncer service
 log() { printf '[smoke %3ss] %s\n' "$(( $(date +%s) - start ))" "$*"; }
 fail() { log "FAIL: $*"; exit 1; }
 
-# --- tools: podman with runc (crun fails on this kind of machine's cgroups), debootstrap,
-# podman-compose in a virtualenv of its own.
-if ! command -v podman > /dev/null || ! command -v runc > /dev/null || ! command -v debootstrap > /dev/null; then
-  log "installing podman, runc, debootstrap"
-  apt-get update -qq
-  DEBIAN_FRONTEND=noninteractive apt-get install -y -qq podman runc debootstrap > /dev/null
-fi
+# --- tools: podman, runc and debootstrap (deploy/podman.sh), podman-compose in a virtualenv
+# of its own.
+# shellcheck source=deploy/podman.sh
+. deploy/podman.sh
 mkdir -p "$work"
 if [ ! -x "$work/venv/bin/podman-compose" ]; then
   log "installing podman-compose"
