@@ -119,7 +119,9 @@ class OtelHandler:
             case Claimed(pipeline, n, _, seconds):
                 span = self._span("claim", seconds, {"syncer.pipeline": pipeline, "syncer.n": n})
                 if span is not None:
-                    self._remember(span.get_span_context())
+                    self._claims[observe.current_trace()] = span.get_span_context()
+                    while len(self._claims) > MAX_TRACES:
+                        self._claims.popitem(last=False)
             case Fetched(pipeline, n, seconds):
                 self._span("fetch", seconds, {"syncer.pipeline": pipeline, "syncer.n": n})
             case ApiRequest(provider, pipeline, n_inputs, seconds, result):
@@ -134,11 +136,6 @@ class OtelHandler:
                 attrs = {"syncer.pipeline": pipeline, "syncer.n": n}
                 attrs["syncer.error"] = error
                 self._span(outcome, 0.0, attrs, ok=False)
-
-    def _remember(self, ctx: SpanContext) -> None:
-        self._claims[format(ctx.trace_id, "032x")] = ctx
-        while len(self._claims) > MAX_TRACES:
-            self._claims.popitem(last=False)
 
     def _span(
         self,
@@ -157,7 +154,8 @@ class OtelHandler:
         claim = self._claims.get(trace_id)
         parent = trace.set_span_in_context(NonRecordingSpan(claim)) if claim else None
         end = time.time_ns()
-        token = observe.TRACE.set((trace_id, ""))  # a root span takes this trace id
+        # A root span (a claim, or a stage whose claim was forgotten) takes this trace id.
+        token = observe.TRACE.set((trace_id, "")) if claim is None else None
         try:
             span = self.tracer.start_span(
                 name,
@@ -167,7 +165,8 @@ class OtelHandler:
                 start_time=end - int(seconds * 1e9),
             )
         finally:
-            observe.TRACE.reset(token)
+            if token is not None:
+                observe.TRACE.reset(token)
         if not ok:
             span.set_status(Status(StatusCode.ERROR))
         span.end(end_time=end)
