@@ -337,6 +337,14 @@ async def test_log_stats_and_reset(
     assert (await post(http, server, embed_body(["x"])))[0] == 200
 
 
+def test_fail_kinds_round_trip_through_control(server: FakeEmbedderProcess) -> None:
+    """What GET /_control shows for fail_kinds can be posted back as it is."""
+    server.control(fail_kinds=["status503", "reset"])
+    shown = server.control()["fail_kinds"]
+    assert shown == [{"kind": "status", "status": 503}, {"kind": "reset"}]
+    assert server.control(fail_kinds=shown)["fail_kinds"] == shown
+
+
 @pytest.mark.parametrize(
     "fields",
     [
@@ -347,6 +355,9 @@ async def test_log_stats_and_reset(
         {"fail_next": [{"kind": "status"}]},
         {"fail_next": [{"kind": "reset", "repeat": 0}]},
         {"fail_kinds": ["status500", "boom"]},
+        {"fail_kinds": [{"kind": {"nested": 1}}]},
+        {"fail_kinds": [{"kind": "status", "status": 999}]},
+        {"fail_kinds": [["status500"]]},
     ],
 )
 def test_bad_control_fields_are_rejected(server: FakeEmbedderProcess, fields: Any) -> None:

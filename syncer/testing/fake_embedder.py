@@ -475,7 +475,8 @@ def _checked(ok: Callable[[Any], bool], need: str, nullable: bool = False) -> _C
 
 
 def _fault(spec: Any) -> dict[str, Any]:
-    if not isinstance(spec, dict) or spec.get("kind") not in FAULT_KINDS:
+    kind = spec.get("kind") if isinstance(spec, dict) else None
+    if not isinstance(kind, str) or kind not in FAULT_KINDS:
         raise ValueError(f"fault {spec!r} needs a kind among {sorted(FAULT_KINDS)}")
     if unknown := set(spec) - _FAULT_KEYS:
         raise ValueError(f"fault {spec!r} has unknown keys {sorted(unknown)}")
@@ -497,12 +498,15 @@ def _fault_list(value: Any) -> list[dict[str, Any]]:
 
 
 def _fault_kinds(value: Any) -> list[dict[str, Any]]:
-    """Names like "status503", "reset" or "nan" (random faults carry no options)."""
+    """Names like "status503", "reset" or "nan", or fault specs as `GET /_control` shows
+    them ({"kind": "status", "status": 500}), so its answer can be posted back."""
     if not isinstance(value, list) or not value:
-        raise ValueError("must be a non-empty list of fault names")
+        raise ValueError("must be a non-empty list of fault names or specs")
     kinds = []
     for name in value:
-        if isinstance(name, str) and name.startswith("status") and name[6:].isdigit():
+        if isinstance(name, dict):
+            kinds.append(_fault(name))
+        elif isinstance(name, str) and name.startswith("status") and name[6:].isdigit():
             kinds.append(_fault({"kind": "status", "status": int(name[6:])}))
         else:
             kinds.append(_fault({"kind": name}))
