@@ -17,6 +17,7 @@ import random
 import re
 from pathlib import Path
 
+from bench import profiling
 from bench.harness import Harness, Pipeline
 from bench.proc import Watched
 from bench.report import Result
@@ -50,9 +51,14 @@ async def load(h: Harness, url: str, texts: list[str]) -> None:
         await conn.close()
 
 
-async def drain(h: Harness, config: Path) -> tuple[float, float, float]:
-    """Run `syncer run --exit-when-idle`; (wall s, CPU s, peak RSS MB)."""
+async def drain(
+    h: Harness, config: Path, profile: Path | None = None
+) -> tuple[float, float, float]:
+    """Run `syncer run --exit-when-idle`; (wall s, CPU s, peak RSS MB). With `profile`, under
+    py-spy, writing its stacks there (such a run's figures are not reported)."""
     command = h.syncer_command(config, "run", "--exit-when-idle")
+    if profile is not None:
+        command = profiling.wrap(command, profile)
     proc = Watched(command, h.env(), h.workdir / "chunks.log").start()
     usage = await asyncio.to_thread(proc.wait, TIMEOUT_S)
     if usage.returncode != 0:
@@ -165,6 +171,24 @@ async def boilerplate(h: Harness, quick: bool, result: Result) -> None:
     result.add("saved by global dedupe", 100 * saved, "%", "header and footer shared by all")
 
 
+async def profile(h: Harness, quick: bool) -> list[str]:
+    """A separate drain of 20 kB documents under py-spy: where the syncer's CPU goes."""
+    if profiling.py_spy() is None:
+        return ["  (py-spy is not installed: pip install py-spy)"]
+    url = h.new_database()
+    try:
+        config = config_for(h, url)
+        await load(h, url, [])
+        await asyncio.to_thread(h.install, config)
+        await load(h, url, documents(200 if quick else 1_000, seed=59))
+        h.set_latency(LATENCY_MS)
+        path = h.workdir / "chunks.pyspy.txt"
+        await drain(h, config, path)
+    finally:
+        h.drop_database(url)
+    return profiling.summarize(path)
+
+
 async def run(h: Harness, quick: bool) -> Result:
     result = Result("chunks")
     url, config = await backlog(h, quick, result)
@@ -174,4 +198,5 @@ async def run(h: Harness, quick: bool) -> Result:
         h.drop_database(url)
     await boilerplate(h, quick, result)
     await memory(h, quick, result)
+    result.sections["profile of the syncer"] = await profile(h, quick)
     return result
