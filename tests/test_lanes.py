@@ -3,12 +3,14 @@ and no text paid twice by two workers."""
 
 from __future__ import annotations
 
+import asyncio
 import time
 from collections import Counter
 from typing import Any
 
 import psycopg
 
+from syncer.providers.tokens import estimate_tokens
 from syncer.queue import BULK, LIVE
 from syncer.testing.fake_embedder import BAD_INPUT_MARKER, FakeEmbedderProcess
 from syncer.worker.jobs import EmbedJob, JobQueue
@@ -94,6 +96,58 @@ def test_a_live_item_joining_a_waiting_bulk_request_sends_it_first() -> None:
     q.promote(("c", b"h"))
     q.promote(("x", b"h"))  # not waiting here (sent, or written): nothing to do
     assert [(j.keys[0], j.lane) for j in q.drain()] == [("c", LIVE), ("a", BULK), ("b", BULK)]
+
+
+def test_a_live_job_taken_is_filled_with_waiting_bulk_inputs() -> None:
+    """A lone live edit rides in a full request, not one of its own; a bulk job's rest keeps
+    its place, and nothing is taken twice or lost."""
+
+    def job(keys: list[str], lane: int, suspect: bool = False) -> EmbedJob:
+        return EmbedJob(
+            keys,
+            keys,
+            [b"h"] * len(keys),
+            [[n] for n in range(len(keys))],
+            len(keys),
+            suspect=suspect,
+            lane=lane,
+        )
+
+    async def take() -> list[tuple[list[str], int]]:
+        q = JobQueue(max_inputs=4, max_tokens=100)
+        q.put_job(job(["b1", "b2", "b3"], BULK))
+        q.put_job(job(["b4", "b5"], BULK))
+        q.put_job(job(["s"], BULK, suspect=True))  # traced as failing: always alone
+        q.put_job(job(["e1"], LIVE))
+        q.put_job(job(["e2"], LIVE))
+        out = []
+        while not q.empty():
+            got = await q.get_job()
+            out.append((got.keys, got.lane))
+        return out
+
+    assert asyncio.run(take()) == [
+        (["e1", "e2", "b1", "b2"], LIVE),  # the live ones first, then bulk
+        (["b3", "b4", "b5"], BULK),  # the rest, filled in turn; it stops at the suspect job
+        (["s"], BULK),
+    ]
+
+    async def bounded() -> list[list[str]]:
+        each = estimate_tokens("b0")
+        q = JobQueue(max_inputs=64, max_tokens=1 + 2 * each)  # room for 2 beside the edit
+        q.put_job(job([f"b{n}" for n in range(5)], BULK))
+        q.put_job(job(["e"], LIVE))  # 1 token, as job() counts
+        return [(await q.get_job()).keys, (await q.get_job()).keys]
+
+    assert asyncio.run(bounded()) == [["e", "b0", "b1"], ["b2", "b3", "b4"]]
+    assert asyncio.run(_no_top_up()) == [["e"], ["b0"]]
+
+
+async def _no_top_up() -> list[list[str]]:
+    q = JobQueue()  # no bounds given: never filled
+    q.put_job(EmbedJob(["b0"], ["b0"], [b"h"], [[1]], 1, lane=BULK))
+    q.put_job(EmbedJob(["e"], ["e"], [b"h"], [[2]], 1, lane=LIVE))
+    return [(await q.get_job()).keys, (await q.get_job()).keys]
 
 
 def test_bulk_keeps_its_share_under_a_stream_of_edits(

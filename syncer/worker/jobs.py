@@ -48,6 +48,18 @@ class EmbedJob:
     def all_ids(self) -> list[int]:
         return [i for ids in self.ids for i in ids]
 
+    def joined(self, other: EmbedJob) -> EmbedJob:
+        """One request of this job's inputs and then `other`'s (this job's lane and trace)."""
+        return replace(
+            self,
+            keys=self.keys + other.keys,
+            texts=self.texts + other.texts,
+            hashes=self.hashes + other.hashes,
+            ids=self.ids + other.ids,
+            tokens=self.tokens + other.tokens,
+            docs=self.docs + other.docs,
+        )
+
 
 class JobQueue(asyncio.PriorityQueue[tuple[int, int, EmbedJob]]):
     """Packed requests waiting for an embedding task: live ones first, then in order.
@@ -58,9 +70,12 @@ class JobQueue(asyncio.PriorityQueue[tuple[int, int, EmbedJob]]):
 
     _queue: list[tuple[int, int, EmbedJob]]  # asyncio.PriorityQueue's heap
 
-    def __init__(self) -> None:
+    def __init__(self, max_inputs: int = 0, max_tokens: int = 0) -> None:
+        """`max_inputs`, `max_tokens`: a request's bounds, up to which a live job taken is
+        filled with the first waiting bulk inputs (0: never)."""
         super().__init__()
         self._seq = itertools.count()
+        self.max_inputs, self.max_tokens = max_inputs, max_tokens
 
     def put_job(self, job: EmbedJob) -> None:
         self.put_nowait((job.lane, next(self._seq), job))
@@ -75,7 +90,39 @@ class JobQueue(asyncio.PriorityQueue[tuple[int, int, EmbedJob]]):
                 return
 
     async def get_job(self) -> EmbedJob:
-        return (await self.get())[2]
+        """The next job, filled up to a request's bounds with the next waiting inputs.
+
+        A live edit claimed alone would otherwise take a request slot of its own: at 20
+        edits/s and 300 ms of API, about 6 of 8 slots, and the backfill kept 54-65 % of its
+        solo rate (bench freshness). Filled up, the edit costs the backfill one input, and
+        goes out no later: it is still the first job taken. The rest of a job taken from
+        keeps its place, and is filled in turn when it is taken."""
+        return self._fill((await self.get())[2])
+
+    def _fill(self, job: EmbedJob) -> EmbedJob:
+        # Row pipelines only (a chunk job's inputs are tied to its documents' bookkeeping),
+        # and never a suspect input, which goes alone.
+        if job.suspect or job.docs:
+            return job
+        while self._queue and len(job.keys) < self.max_inputs:
+            lane, seq, head = self._queue[0]
+            if head.suspect or head.docs:
+                break
+            room, budget, take = self.max_inputs - len(job.keys), self.max_tokens - job.tokens, 0
+            while take < min(room, len(head.keys)):
+                n = estimate_tokens(head.texts[take])
+                if n > budget:
+                    break
+                budget -= n
+                take += 1
+            if take == 0:
+                break
+            job = job.joined(head.part(range(take)))
+            if take == len(head.keys):
+                self.get_nowait()
+            else:  # the rest keeps its place: same lane and sequence, so the heap holds
+                self._queue[0] = (lane, seq, head.part(range(take, len(head.keys))))
+        return job
 
     def drain(self) -> list[EmbedJob]:
         """Every job not yet taken (at stop: they go back to the queue unsent)."""

@@ -70,7 +70,7 @@ class PipelineRunner:
         self.n_embedders = provider.max_concurrency
         request_inputs, capacity, claim_min = window(p, provider, wcfg)
         self.in_flight = InFlight(lambda n: events.emit(InFlightChanged(p.name, n)))
-        self.embed_q = JobQueue()
+        self.embed_q = JobQueue(request_inputs, provider.max_tokens_per_request)
         write_q: asyncio.Queue[WriteBatch] = asyncio.Queue(maxsize=self.n_embedders * 4)
         policy = RetryPolicy(wcfg, provider.breaker_reset_s)
         failures = FailureRouter(p.name, queue, db, policy, self.in_flight, events)
