@@ -51,6 +51,21 @@ async def load(h: Harness, url: str, texts: list[str]) -> None:
         await conn.close()
 
 
+async def prepare(h: Harness, texts: list[str], dedupe: str = "document") -> tuple[str, Path]:
+    """A database of its own with the pipeline installed on an empty `docs`, then `texts`
+    loaded as the backlog; (its url, the config). Dropped again if that fails."""
+    url = h.new_database()
+    try:
+        config = config_for(h, url, dedupe)
+        await load(h, url, [])
+        await asyncio.to_thread(h.install, config)
+        await load(h, url, texts)
+    except BaseException:
+        h.drop_database(url)
+        raise
+    return url, config
+
+
 async def drain(
     h: Harness, config: Path, profile: Path | None = None
 ) -> tuple[float, float, float]:
@@ -77,11 +92,7 @@ async def count(h: Harness, url: str, sql: str) -> int:
 async def backlog(h: Harness, quick: bool, result: Result) -> tuple[str, Path]:
     """Drain the 20 kB documents; returns the database and config (for the edits)."""
     n = 400 if quick else 10_000
-    url = h.new_database()
-    config = config_for(h, url)
-    await load(h, url, [])
-    await asyncio.to_thread(h.install, config)
-    await load(h, url, documents(n, seed=41))
+    url, config = await prepare(h, documents(n, seed=41))
     h.set_latency(LATENCY_MS)
     wall_s, cpu_s, _ = await drain(h, config)
     chunks = await count(h, url, "SELECT count(*) FROM docs_chunks")
@@ -132,12 +143,8 @@ async def edits(h: Harness, url: str, config: Path, result: Result) -> None:
 
 async def memory(h: Harness, quick: bool, result: Result) -> None:
     n = 5_000 if quick else 100_000
-    url = h.new_database()
+    url, config = await prepare(h, documents(n, seed=43, chars=2_000))
     try:
-        config = config_for(h, url)
-        await load(h, url, [])
-        await asyncio.to_thread(h.install, config)
-        await load(h, url, documents(n, seed=43, chars=2_000))
         h.set_latency(0.0)
         _, _, peak = await drain(h, config)
         result.add(f"peak RSS, {n:,}-document backlog", peak, "MB", "2 kB documents")
@@ -153,12 +160,8 @@ async def boilerplate(h: Harness, quick: bool, result: Result) -> None:
     bodies = [f"{header}\n\n{body}\n\n{footer}" for body in documents(n, seed=53, chars=6_000)]
     sent: dict[str, float] = {}
     for dedupe in ("document", "global"):
-        url = h.new_database()
+        url, config = await prepare(h, bodies, dedupe)
         try:
-            config = config_for(h, url, dedupe)
-            await load(h, url, [])
-            await asyncio.to_thread(h.install, config)
-            await load(h, url, bodies)
             h.set_latency(LATENCY_MS)
             wall_s, cpu_s, _ = await drain(h, config)
             sent[dedupe] = h.fake.stats()["inputs"]
@@ -175,12 +178,8 @@ async def profile(h: Harness, quick: bool) -> list[str]:
     """A separate drain of 20 kB documents under py-spy: where the syncer's CPU goes."""
     if profiling.py_spy() is None:
         return ["  (py-spy is not installed: pip install py-spy)"]
-    url = h.new_database()
+    url, config = await prepare(h, documents(200 if quick else 1_000, seed=59))
     try:
-        config = config_for(h, url)
-        await load(h, url, [])
-        await asyncio.to_thread(h.install, config)
-        await load(h, url, documents(200 if quick else 1_000, seed=59))
         h.set_latency(LATENCY_MS)
         path = h.workdir / "chunks.pyspy.txt"
         await drain(h, config, path)

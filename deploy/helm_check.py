@@ -110,8 +110,13 @@ def one(docs: list[Obj], kind: str) -> Obj:
     return found[0]
 
 
+def pod(docs: list[Obj], kind: str) -> Obj:
+    spec: Obj = one(docs, kind)["spec"]["template"]["spec"]
+    return spec
+
+
 def container(docs: list[Obj], kind: str) -> Obj:
-    containers: list[Obj] = one(docs, kind)["spec"]["template"]["spec"]["containers"]
+    containers: list[Obj] = pod(docs, kind)["containers"]
     return containers[0]
 
 
@@ -140,11 +145,6 @@ CONTAINER_FIELDS = [
     "env",
     "volumeMounts",
 ]
-
-
-def pod(docs: list[Obj], kind: str) -> Obj:
-    spec: Obj = one(docs, kind)["spec"]["template"]["spec"]
-    return spec
 
 
 def fields() -> list[Field]:

@@ -475,9 +475,8 @@ def _checked(ok: Callable[[Any], bool], need: str, nullable: bool = False) -> _C
 
 
 def _fault(spec: Any) -> dict[str, Any]:
-    if not isinstance(spec, dict) or not isinstance(spec.get("kind"), str):
-        raise ValueError(f"fault {spec!r} needs a kind among {sorted(FAULT_KINDS)}")
-    if spec["kind"] not in FAULT_KINDS:
+    kind = spec.get("kind") if isinstance(spec, dict) else None
+    if not isinstance(spec, dict) or not isinstance(kind, str) or kind not in FAULT_KINDS:
         raise ValueError(f"fault {spec!r} needs a kind among {sorted(FAULT_KINDS)}")
     if unknown := set(spec) - _FAULT_KEYS:
         raise ValueError(f"fault {spec!r} has unknown keys {sorted(unknown)}")

@@ -71,8 +71,8 @@ class JobQueue(asyncio.PriorityQueue[tuple[int, int, EmbedJob]]):
     _queue: list[tuple[int, int, EmbedJob]]  # asyncio.PriorityQueue's heap
 
     def __init__(self, max_inputs: int = 0, max_tokens: int = 0) -> None:
-        """`max_inputs`, `max_tokens`: a request's bounds, up to which a live job taken is
-        filled with the first waiting bulk inputs (0: never)."""
+        """`max_inputs`, `max_tokens`: a request's bounds, up to which a job taken is filled
+        with the next waiting inputs (0: never)."""
         super().__init__()
         self._seq = itertools.count()
         self.max_inputs, self.max_tokens = max_inputs, max_tokens
